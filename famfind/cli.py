@@ -1,0 +1,268 @@
+"""famfind's command line (typer). Results go to stdout; progress and diagnostics to stderr.
+
+Exit codes: 0 ok; 1 bad input or runtime error (one line, no traceback unless ``--debug``);
+2 usage error.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import tomllib
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from famfind.errors import FamfindError
+
+app = typer.Typer(help="Find and quantify feature families in attention-output (hook_z) SAEs.",
+                  context_settings={"help_option_names": ["-h", "--help"]}, no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+heur_app = typer.Typer(help="Installed detectors (heuristics).", no_args_is_help=True,
+                       context_settings={"help_option_names": ["-h", "--help"]})
+app.add_typer(heur_app, name="heuristics")
+err = Console(stderr=True)
+_state = {"debug": False}
+
+DbOpt = Annotated[Path, typer.Option("--db", help="DuckDB file with the scan tables.")]
+
+
+def guarded(fn):
+    """Turn FamfindError (and other failures) into one stderr line + exit 1, unless --debug."""
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except (typer.Exit, typer.Abort):
+            raise
+        except FamfindError as e:
+            if _state["debug"]:
+                raise
+            err.print(f"famfind: error: {e}", markup=False, highlight=False)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("famfind: interrupted; nothing was written", markup=False)
+            raise typer.Exit(1) from None
+        except Exception as e:
+            if _state["debug"]:
+                raise
+            msg = str(e).splitlines()[0] if str(e) else ""
+            err.print(f"famfind: error: {type(e).__name__}: {msg} (rerun with --debug for a traceback)",
+                      markup=False, highlight=False)
+            raise typer.Exit(1) from None
+    return wrapper
+
+
+@app.callback()
+def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False):
+    """famfind: find feature families in attention SAEs.
+
+    Example: famfind scan && famfind sql "SELECT * FROM validation"
+    """
+    _state["debug"] = debug
+
+
+def _progress_factory(progress: Progress):
+    def factory(desc: str, total: int):
+        task = progress.add_task(desc, total=total)
+        return lambda done: progress.update(task, completed=done)
+    return factory
+
+
+def _read_config(path: Optional[Path]) -> dict:
+    if path is None:
+        return {}
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise FamfindError(path, "config file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise FamfindError(path, f"not valid TOML ({e})") from None
+    unknown = sorted(set(data) - {"scan", "detectors"})
+    if unknown:
+        raise FamfindError(path, f"unknown section [{unknown[0]}]; known: [scan], [detectors.<id>]")
+    return data
+
+
+@app.command()
+@guarded
+def scan(
+    sae: Annotated[Optional[str], typer.Argument(help="SAE: SAELens dir, .safetensors, or Kissane .pt. "
+                                                      "Default: the embedded default SAE.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Local HF checkpoint dir or TransformerLens model name "
+                                                      "(default: from the SAE's metadata).")] = None,
+    corpus: Annotated[Optional[str], typer.Option(help="Tokens .npy, text file, directory, .jsonl or .parquet "
+                                                       "(default: the shipped held-out eval tokens).")] = None,
+    db: DbOpt = Path("famfind.duckdb"),
+    select: Annotated[Optional[list[str]], typer.Option(help="Run only these detector ids (and what they require).")] = None,
+    skip: Annotated[Optional[list[str]], typer.Option(help="Skip these detector ids.")] = None,
+    plugin: Annotated[Optional[list[Path]], typer.Option(help="A local .py file of Heuristic subclasses.")] = None,
+    selection_threshold: Annotated[float, typer.Option(help="Head attribution on one induction head needed "
+                                                             "to select a feature (paper: 0.6).")] = 0.6,
+    induction_head_threshold: Annotated[float, typer.Option(help="Induction score above which a head counts "
+                                                                  "as an induction head.")] = 0.4,
+    max_tokens: Annotated[Optional[int], typer.Option(help="Use only the first N corpus tokens.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="TOML with [scan] keys and [detectors.<id>] options.")] = None,
+    strict_plugins: Annotated[bool, typer.Option(help="A failing plugin stops the scan.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No report, only the scan id.")] = False,
+):
+    """Scan an attention SAE: run the detectors, store tables in DuckDB, print the report.
+
+    Example: famfind scan                     # the embedded default model + SAE
+    Example: famfind scan path/to/sae_dir --model path/to/hf_checkpoint --db out.duckdb
+    """
+    from famfind.db import connect, write_scan
+    from famfind.scan import ScanConfig, run_scan
+    from reports.terminal import render
+
+    cfg_file = _read_config(config)
+    det_opts = {k: dict(v) for k, v in cfg_file.get("detectors", {}).items()}
+    det_opts.setdefault("induction_selection", {}).setdefault("selection_threshold", selection_threshold)
+    det_opts.setdefault("head_roles", {}).setdefault("induction_head_threshold", induction_head_threshold)
+    base = dict(cfg_file.get("scan", {}))
+    cli = {"sae": sae, "model": model, "corpus": corpus, "max_tokens": max_tokens,
+           "select": tuple(select or ()), "skip": tuple(skip or ()),
+           "plugins": tuple(str(p) for p in plugin or ()), "strict_plugins": strict_plugins or None}
+    base.update({k: v for k, v in cli.items() if v not in (None, ())})
+    from famfind.plugins import default_registry
+    from famfind.scan import selected_ids
+
+    reg = default_registry(base.get("plugins", ()), bool(base.get("strict_plugins", False)))
+    for e in reg.errors:
+        err.print(f"famfind: warning: plugin {e.origin} failed to load: {e.error}", markup=False)
+    ids = selected_ids(reg, tuple(base.get("select", ())), tuple(base.get("skip", ())))
+    det_opts = {k: v for k, v in det_opts.items() if k in ids or k in cfg_file.get("detectors", {})}
+    scan_cfg = ScanConfig.from_dict({**base, "sae": base.get("sae") or "", "detector_options": det_opts})
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True, disable=quiet) as progress:
+        result = run_scan(scan_cfg, reg, _progress_factory(progress),
+                          log=lambda m: err.print(f"famfind: {m}", markup=False))
+    scan_id = write_scan(db, result)
+    if quiet:
+        typer.echo(scan_id)
+        return
+    con = connect(db, read_only=True)
+    try:
+        render(con, scan_id, Console())
+    finally:
+        con.close()
+    err.print(f"famfind: wrote scan {scan_id} to {db}", markup=False)
+
+
+@app.command()
+@guarded
+def sql(
+    query: Annotated[str, typer.Argument(help="SQL to run, or - to read it from stdin.")],
+    db: DbOpt = Path("famfind.duckdb"),
+    as_json: Annotated[bool, typer.Option("--json", help="Output a JSON array of objects.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Output CSV.")] = False,
+):
+    """Query the scan tables (read-only), like `sqlite-utils query`.
+
+    Example: famfind sql "SELECT family, count(*) FROM families GROUP BY family"
+    """
+    import duckdb
+
+    from famfind.db import connect
+
+    if as_json and as_csv:
+        raise typer.BadParameter("--json and --csv are exclusive")
+    q = sys.stdin.read() if query == "-" else query
+    con = connect(db, read_only=True)
+    try:
+        try:
+            rel = con.sql(q)
+        except duckdb.Error as e:
+            raise FamfindError(db, f"SQL error: {str(e).splitlines()[0]}") from None
+        if rel is None:
+            return
+        cols, rows = rel.columns, rel.fetchall()
+    finally:
+        con.close()
+    if as_json:
+        typer.echo(json.dumps([dict(zip(cols, r)) for r in rows], default=str, indent=1))
+    elif as_csv:
+        import csv
+
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(cols)
+        w.writerows(rows)
+    else:
+        from rich.table import Table
+
+        t = Table(*cols)
+        for r in rows:
+            t.add_row(*["NULL" if v is None else str(v) for v in r])
+        Console().print(t)
+
+
+@app.command()
+@guarded
+def report(
+    db: DbOpt = Path("famfind.duckdb"),
+    scan_id: Annotated[Optional[int], typer.Option(help="Scan to report (default: the latest).")] = None,
+):
+    """Print the terminal report of a stored scan.
+
+    Example: famfind report --db famfind.duckdb --scan-id 1
+    """
+    from famfind.db import connect, latest_scan_id
+    from reports.terminal import render
+
+    con = connect(db, read_only=True)
+    try:
+        sid = scan_id if scan_id is not None else latest_scan_id(con)
+        if not con.execute("SELECT count(*) FROM scans WHERE scan_id = ?", [sid]).fetchone()[0]:
+            raise FamfindError(db, f"no scan with scan_id {sid}")
+        render(con, sid, Console())
+    finally:
+        con.close()
+
+
+@heur_app.command("list")
+@guarded
+def heuristics_list(
+    plugin: Annotated[Optional[list[Path]], typer.Option(help="Also load this local plugin file.")] = None,
+    skip: Annotated[Optional[list[str]], typer.Option(help="Show these ids as disabled.")] = None,
+):
+    """List installed detectors: id, version, needs, requires, origin, enabled.
+
+    Example: famfind heuristics list --plugin my_detector.py
+    """
+    from rich.table import Table
+
+    from famfind.plugins import default_registry
+
+    reg = default_registry(plugin or ())
+    t = Table("id", "version", "needs", "requires", "origin", "enabled", "description")
+    for hid in reg.ids():
+        e = reg.get(hid)
+        t.add_row(hid, e.cls.version, e.cls.needs, ", ".join(e.cls.requires) or "-", e.origin,
+                  "no" if hid in (skip or ()) else "yes", e.cls.description)
+    for e in reg.errors:
+        t.add_row("?", "-", "-", "-", e.origin, "[red]failed to load[/]", e.error)
+    Console().print(t)
+
+
+@app.command("build-default")
+@guarded
+def build_default(
+    build_dir: Annotated[Path, typer.Option(help="Working directory for the build.")] = Path("build/default"),
+    install: Annotated[bool, typer.Option(help="Copy the artefacts into famfind/data/default.")] = False,
+):
+    """Rebuild the embedded default from scratch (corpus, tokenizer, model, SAE, cards).
+
+    Not run by CI: about 1.5 h on 2 CPU cores. Fixed seeds; resumes from checkpoints.
+    Example: famfind build-default --build-dir build/default --install
+    """
+    from famfind.build.pipeline import build_all
+
+    build_all(build_dir, install=install, log=lambda m: err.print(m, markup=False))
+
+
+def run() -> None:
+    app()

@@ -1,0 +1,114 @@
+"""Token corpora for a scan: the shipped eval tokens, or text the user points at.
+
+Accepted ``--corpus`` inputs: a ``.npy`` token file (1-D ``uint16``/int, documents joined by
+the tokenizer's ``<|endoftext|>``; the shipped ``eval_tokens.npy`` format), a text file,
+a directory (its ``.txt .md .rst .py`` files, sorted), ``.jsonl`` with a ``"text"`` field,
+or ``.parquet`` with a ``text`` column. Text is tokenised with the model's tokenizer,
+documents are joined with ``<|endoftext|>`` when the tokenizer has it, and the stream is cut
+into ``[n_seq, seq_len]`` windows.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from famfind.errors import FamfindError
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
+EOT = "<|endoftext|>"
+
+
+def default_dir() -> Path:
+    """Directory of the embedded default (model/, sae/, eval_tokens.npy, cards)."""
+    return Path(str(resources.files("famfind") / "data" / "default"))
+
+
+@dataclass
+class TokenCorpus:
+    """``tokens``: ``int64 [n_seq, seq_len]``; ``source``: what it was read from."""
+
+    tokens: torch.Tensor
+    source: str
+
+    @property
+    def n_tokens(self) -> int:
+        return self.tokens.numel()
+
+
+def _read_texts(p: Path) -> list[str]:
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise FamfindError(p, f"directory has no text files ({' '.join(TEXT_SUFFIXES)})")
+        return [f.read_text(errors="replace") for f in files]
+    if p.suffix == ".jsonl":
+        texts = []
+        for i, line in enumerate(p.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                raise FamfindError(p, f"line {i} is not valid JSON") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                raise FamfindError(p, f"line {i} has no string field 'text'")
+            texts.append(rec["text"])
+        return texts
+    if p.suffix == ".parquet":
+        import duckdb
+
+        try:
+            rows = duckdb.sql(f"SELECT text FROM read_parquet('{p.as_posix()}')").fetchall()
+        except duckdb.Error as e:
+            raise FamfindError(p, f"cannot read a 'text' column ({str(e).splitlines()[0]})") from None
+        return [r[0] for r in rows if r[0]]
+    try:
+        return [p.read_text()]
+    except UnicodeDecodeError:
+        raise FamfindError(p, "not a UTF-8 text file (expected .npy tokens, text, .jsonl or .parquet)") from None
+
+
+def tokenize_texts(texts: list[str], tokenizer) -> np.ndarray:
+    """Token stream ``int64 [n_tokens]``: documents joined by ``<|endoftext|>`` if known."""
+    eot = tokenizer.encode(EOT)
+    sep = eot if len(eot) == 1 else []
+    ids: list[int] = []
+    for doc in tokenizer.encode_batch(texts):
+        ids.extend(doc)
+        ids.extend(sep)
+    return np.asarray(ids, dtype=np.int64)
+
+
+def load_corpus(path: str | Path | None, tokenizer, seq_len: int, max_tokens: int | None = None,
+                d_vocab: int | None = None) -> TokenCorpus:
+    """Read, tokenise and window a corpus (``None``: the shipped eval tokens).
+
+    Raises ``FamfindError`` naming the file for a missing or unreadable input, token ids
+    outside ``[0, d_vocab)``, or fewer tokens than one ``seq_len`` window.
+    """
+    p = Path(path) if path is not None else default_dir() / "eval_tokens.npy"
+    if not p.exists():
+        raise FamfindError(p, "file not found")
+    if p.suffix == ".npy":
+        try:
+            stream = np.load(p).astype(np.int64).reshape(-1)
+        except (ValueError, OSError) as e:
+            raise FamfindError(p, f"not a readable .npy token array ({e})") from None
+    else:
+        if tokenizer is None:
+            raise FamfindError(p, "text corpus given but the model has no tokenizer")
+        stream = tokenize_texts(_read_texts(p), tokenizer)
+    if max_tokens is not None:
+        stream = stream[:max_tokens]
+    n_seq = stream.size // seq_len
+    if n_seq == 0:
+        raise FamfindError(p, f"only {stream.size} tokens: fewer than one sequence of {seq_len}")
+    if d_vocab is not None and (stream.min() < 0 or stream.max() >= d_vocab):
+        raise FamfindError(p, f"token ids must lie in [0, {d_vocab}) for this model; found {stream.max()}")
+    return TokenCorpus(torch.from_numpy(stream[: n_seq * seq_len].reshape(n_seq, seq_len)), str(p))

@@ -1,0 +1,14 @@
+"""famfind's user-facing error: one line naming the file (or input) and the problem."""
+
+from __future__ import annotations
+
+
+class FamfindError(Exception):
+    """Bad input or a runtime failure the CLI reports as one line, exit code 1.
+
+    ``where`` names the file, table or option at fault; ``problem`` says what is wrong.
+    """
+
+    def __init__(self, where: str, problem: str):
+        self.where, self.problem = str(where), problem
+        super().__init__(f"{where}: {problem}")

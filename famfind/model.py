@@ -1,0 +1,316 @@
+"""Models famfind scans: a hook_z runner with TransformerLens-shaped weights.
+
+``HFGPT2Model`` reads a local Hugging Face GPT-2-architecture checkpoint (``config.json``
++ ``model.safetensors``, the embedded default's format) and reimplements its forward in
+~60 lines so famfind can stop at the SAE's layer, read ``blocks.{L}.attn.hook_z`` and
+``hook_pattern``, and mean-ablate heads, without autograd. ``TLModel`` wraps a
+TransformerLens ``HookedTransformer`` for any model name TransformerLens resolves (needs
+the hub, and TransformerLens < 4 where ``HookedTransformer`` exists).
+
+Weight shapes follow TransformerLens: ``W_Q/W_K/W_V [n_heads, d_model, d_head]``,
+``W_O [n_heads, d_head, d_model]``, ``W_U [d_model, d_vocab]``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from famfind.errors import FamfindError
+
+Ablation = dict[tuple[int, int], torch.Tensor]  # (layer, head) -> value [d_head] written into hook_z
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    n_layers: int
+    n_heads: int
+    d_head: int
+    d_model: int
+    d_vocab: int
+    n_ctx: int
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class AttnModel(Protocol):
+    """What detectors may use of a model. All runs are ``no_grad``."""
+
+    cfg: ModelConfig
+    tokenizer: Tokenizer | None
+
+    def W_Q(self, layer: int) -> torch.Tensor: ...
+    def W_K(self, layer: int) -> torch.Tensor: ...
+    def W_V(self, layer: int) -> torch.Tensor: ...
+    def W_O(self, layer: int) -> torch.Tensor: ...
+    def W_U(self) -> torch.Tensor: ...
+
+    def run_hook_z(self, tokens: torch.Tensor, layer: int, ablate: Ablation | None = None) -> torch.Tensor:
+        """``blocks.{layer}.attn.hook_z``, shape ``[batch, pos, n_heads, d_head]``; the
+        forward stops there. ``ablate`` overwrites hook_z of (layer, head) at or below it."""
+        ...
+
+    def patterns(self, tokens: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+        """``blocks.{L}.attn.hook_pattern`` per layer, ``[batch, n_heads, query_pos, key_pos]``."""
+        ...
+
+
+class HFTokenizer:
+    """``tokenizers`` tokenizer from ``tokenizer.json`` (no transformers import needed)."""
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer as _T
+
+        self._tok = _T.from_file(str(path))
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids))
+
+    def token_str(self, i: int) -> str:
+        return self._tok.decode([int(i)])
+
+
+def _gelu_new(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+_ACTS = {"gelu_new": _gelu_new, "gelu": F.gelu, "relu": F.relu,
+         "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+class HFGPT2Model:
+    """A local HF GPT-2-architecture checkpoint, run layer by layer (see module doc).
+
+    Raises ``FamfindError`` naming the file for a missing ``config.json``/weights, a
+    non-GPT-2 ``model_type``, or a missing tensor.
+    """
+
+    def __init__(self, path: str | Path, device: str = "cpu"):
+        from safetensors.torch import load_file
+
+        p = Path(path)
+        cfg = json.loads((p / "config.json").read_text()) if (p / "config.json").exists() else None
+        if cfg is None:
+            raise FamfindError(p, "no config.json: not a Hugging Face checkpoint directory")
+        if cfg.get("model_type") != "gpt2":
+            raise FamfindError(p / "config.json", f"model_type {cfg.get('model_type')!r} is not supported "
+                               "by the built-in runner; pass a TransformerLens model name instead")
+        wfile = p / "model.safetensors"
+        if not wfile.exists():
+            raise FamfindError(wfile, "file not found")
+        sd = {k.removeprefix("transformer."): v.to(device=device, dtype=torch.float32)
+              for k, v in load_file(str(wfile)).items()}
+        self.sd = sd
+        d_model, n_heads = cfg["n_embd"], cfg["n_head"]
+        if "wte.weight" not in sd:
+            raise FamfindError(wfile, "missing tensor 'transformer.wte.weight'")
+        self.cfg = ModelConfig(name=str(p), n_layers=cfg["n_layer"], n_heads=n_heads,
+                               d_head=d_model // n_heads, d_model=d_model, d_vocab=cfg["vocab_size"],
+                               n_ctx=cfg["n_positions"])
+        self.eps = cfg.get("layer_norm_epsilon", 1e-5)
+        self.act = _ACTS[cfg.get("activation_function", "gelu_new")]
+        self.tokenizer = HFTokenizer(p / "tokenizer.json") if (p / "tokenizer.json").exists() else None
+        self.path = p
+
+    # --- weights, TransformerLens shapes -------------------------------------------------
+    def _qkv(self, layer: int, i: int) -> torch.Tensor:
+        d, H, dh = self.cfg.d_model, self.cfg.n_heads, self.cfg.d_head
+        W = self.sd[f"h.{layer}.attn.c_attn.weight"][:, i * d:(i + 1) * d]  # [d_model, n_heads*d_head]
+        return W.reshape(d, H, dh).permute(1, 0, 2)
+
+    def W_Q(self, layer: int) -> torch.Tensor:
+        return self._qkv(layer, 0)
+
+    def W_K(self, layer: int) -> torch.Tensor:
+        return self._qkv(layer, 1)
+
+    def W_V(self, layer: int) -> torch.Tensor:
+        return self._qkv(layer, 2)
+
+    def W_O(self, layer: int) -> torch.Tensor:
+        W = self.sd[f"h.{layer}.attn.c_proj.weight"]  # [n_heads*d_head, d_model]
+        return W.reshape(self.cfg.n_heads, self.cfg.d_head, self.cfg.d_model)
+
+    def W_U(self) -> torch.Tensor:
+        return self.sd.get("lm_head.weight", self.sd["wte.weight"]).T
+
+    # --- forward -------------------------------------------------------------------------
+    def _ln(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), self.sd[f"{name}.weight"], self.sd[f"{name}.bias"], self.eps)
+
+    def _attn(self, x: torch.Tensor, layer: int, want_pattern: bool):
+        B, T, _ = x.shape
+        H, dh = self.cfg.n_heads, self.cfg.d_head
+        qkv = self._ln(x, f"h.{layer}.ln_1") @ self.sd[f"h.{layer}.attn.c_attn.weight"] \
+            + self.sd[f"h.{layer}.attn.c_attn.bias"]
+        q, k, v = (t.view(B, T, H, dh).transpose(1, 2) for t in qkv.split(self.cfg.d_model, dim=-1))
+        if want_pattern:
+            scores = q @ k.transpose(-1, -2) / math.sqrt(dh)
+            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            pattern = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+            z = pattern @ v
+        else:
+            pattern = None
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return z.transpose(1, 2), pattern  # z: [batch, pos, n_heads, d_head]
+
+    def _attn_out(self, z: torch.Tensor, layer: int) -> torch.Tensor:
+        return z.flatten(-2) @ self.sd[f"h.{layer}.attn.c_proj.weight"] + self.sd[f"h.{layer}.attn.c_proj.bias"]
+
+    def _mlp(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        h = self._ln(x, f"h.{layer}.ln_2") @ self.sd[f"h.{layer}.mlp.c_fc.weight"] + self.sd[f"h.{layer}.mlp.c_fc.bias"]
+        return self.act(h) @ self.sd[f"h.{layer}.mlp.c_proj.weight"] + self.sd[f"h.{layer}.mlp.c_proj.bias"]
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        T = tokens.shape[1]
+        if T > self.cfg.n_ctx:
+            raise FamfindError(self.path, f"sequence length {T} exceeds n_ctx {self.cfg.n_ctx}")
+        return self.sd["wte.weight"][tokens] + self.sd["wpe.weight"][:T]
+
+    @staticmethod
+    def _ablate(z: torch.Tensor, layer: int, ablate: Ablation | None) -> torch.Tensor:
+        if ablate:
+            heads = [(h, val) for (lyr, h), val in ablate.items() if lyr == layer]
+            if heads:
+                z = z.clone()
+                for h, val in heads:
+                    z[:, :, h, :] = val
+        return z
+
+    @torch.no_grad()
+    def run_hook_z(self, tokens: torch.Tensor, layer: int, ablate: Ablation | None = None) -> torch.Tensor:
+        x = self._embed(tokens)
+        for lyr in range(layer + 1):
+            z, _ = self._attn(x, lyr, False)
+            z = self._ablate(z, lyr, ablate)
+            if lyr == layer:
+                return z
+            x = x + self._attn_out(z, lyr)
+            x = x + self._mlp(x, lyr)
+        raise FamfindError(self.path, f"layer {layer} out of range (n_layers={self.cfg.n_layers})")
+
+    @torch.no_grad()
+    def patterns(self, tokens: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+        x, out = self._embed(tokens), {}
+        for lyr in range(max(layers) + 1):
+            z, pat = self._attn(x, lyr, True)
+            if lyr in layers:
+                out[lyr] = pat
+            x = x + self._attn_out(z, lyr)
+            x = x + self._mlp(x, lyr)
+        return out
+
+    @torch.no_grad()
+    def logits(self, tokens: torch.Tensor, hook_z_fn=None, layer: int | None = None) -> torch.Tensor:
+        """Full forward, ``[batch, pos, d_vocab]``; ``hook_z_fn(z)`` may replace hook_z at ``layer``."""
+        x = self._embed(tokens)
+        for lyr in range(self.cfg.n_layers):
+            z, _ = self._attn(x, lyr, False)
+            if hook_z_fn is not None and lyr == layer:
+                z = hook_z_fn(z)
+            x = x + self._attn_out(z, lyr)
+            x = x + self._mlp(x, lyr)
+        return self._ln(x, "ln_f") @ self.W_U()
+
+
+class TLModel:
+    """A TransformerLens ``HookedTransformer`` behind the same interface (hub required)."""
+
+    def __init__(self, name: str, device: str = "cpu"):
+        try:
+            from transformer_lens import HookedTransformer
+        except ImportError:
+            raise FamfindError(name, "not a local checkpoint, and TransformerLens (< 4, with "
+                               "HookedTransformer) is not installed to resolve it") from None
+        try:
+            self.tl = HookedTransformer.from_pretrained(name, device=device)
+        except Exception as e:  # hub/network/unknown-name errors come in many types
+            raise FamfindError(name, f"TransformerLens could not load it ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+        c = self.tl.cfg
+        self.cfg = ModelConfig(name=name, n_layers=c.n_layers, n_heads=c.n_heads, d_head=c.d_head,
+                               d_model=c.d_model, d_vocab=c.d_vocab, n_ctx=c.n_ctx)
+        self.tokenizer = _TLTokenizer(self.tl.tokenizer) if self.tl.tokenizer is not None else None
+
+    def W_Q(self, layer: int) -> torch.Tensor:
+        return self.tl.W_Q[layer]
+
+    def W_K(self, layer: int) -> torch.Tensor:
+        return self.tl.W_K[layer]
+
+    def W_V(self, layer: int) -> torch.Tensor:
+        return self.tl.W_V[layer]
+
+    def W_O(self, layer: int) -> torch.Tensor:
+        return self.tl.W_O[layer]
+
+    def W_U(self) -> torch.Tensor:
+        return self.tl.W_U
+
+    @torch.no_grad()
+    def run_hook_z(self, tokens: torch.Tensor, layer: int, ablate: Ablation | None = None) -> torch.Tensor:
+        store: dict[str, torch.Tensor] = {}
+        hooks = []
+        for lyr in range(layer + 1):
+            def fn(z, hook, lyr=lyr):
+                z = HFGPT2Model._ablate(z, lyr, ablate)
+                if lyr == layer:
+                    store["z"] = z
+                return z
+            hooks.append((f"blocks.{lyr}.attn.hook_z", fn))
+        self.tl.run_with_hooks(tokens, fwd_hooks=hooks, stop_at_layer=layer + 1)
+        return store["z"]
+
+    @torch.no_grad()
+    def patterns(self, tokens: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+        names = [f"blocks.{lyr}.attn.hook_pattern" for lyr in layers]
+        _, cache = self.tl.run_with_cache(tokens, names_filter=lambda n: n in names,
+                                          stop_at_layer=max(layers) + 1)
+        return {lyr: cache[f"blocks.{lyr}.attn.hook_pattern"] for lyr in layers}
+
+
+class _TLTokenizer:
+    def __init__(self, tok):
+        self._tok = tok
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self._tok.encode(t) for t in texts]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids))
+
+    def token_str(self, i: int) -> str:
+        return self._tok.decode([int(i)])
+
+
+def load_model(spec: str | Path, device: str = "cpu") -> AttnModel:
+    """A local HF GPT-2 checkpoint directory, else a TransformerLens model name.
+
+    Raises ``FamfindError`` when neither works (names the path/name and the reason).
+    """
+    p = Path(spec)
+    if p.is_dir():
+        return HFGPT2Model(p, device)
+    if p.exists():
+        raise FamfindError(p, "a model must be a checkpoint directory or a TransformerLens model name")
+    return TLModel(str(spec), device)

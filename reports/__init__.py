@@ -1,0 +1,1 @@
+"""Report rendering for famfind scans (terminal now; HTML templates live beside this file)."""
