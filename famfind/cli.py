@@ -31,6 +31,11 @@ _state = {"debug": False}
 DbOpt = Annotated[Path, typer.Option("--db", help="DuckDB file with the scan tables.")]
 
 
+def _line(msg: str) -> None:
+    """One unwrapped line on stderr (rich would wrap it at the terminal width)."""
+    typer.echo(" ".join(msg.split()), err=True)
+
+
 def guarded(fn):
     """Turn FamfindError (and other failures) into one stderr line + exit 1, unless --debug."""
     @functools.wraps(fn)
@@ -42,17 +47,16 @@ def guarded(fn):
         except FamfindError as e:
             if _state["debug"]:
                 raise
-            err.print(f"famfind: error: {e}", markup=False, highlight=False)
+            _line(f"famfind: error: {e}")
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            err.print("famfind: interrupted; nothing was written", markup=False)
+            _line("famfind: interrupted; nothing was written")
             raise typer.Exit(1) from None
         except Exception as e:
             if _state["debug"]:
                 raise
             msg = str(e).splitlines()[0] if str(e) else ""
-            err.print(f"famfind: error: {type(e).__name__}: {msg} (rerun with --debug for a traceback)",
-                      markup=False, highlight=False)
+            _line(f"famfind: error: {type(e).__name__}: {msg} (rerun with --debug for a traceback)")
             raise typer.Exit(1) from None
     return wrapper
 
@@ -133,14 +137,14 @@ def scan(
 
     reg = default_registry(base.get("plugins", ()), bool(base.get("strict_plugins", False)))
     for e in reg.errors:
-        err.print(f"famfind: warning: plugin {e.origin} failed to load: {e.error}", markup=False)
+        _line(f"famfind: warning: plugin {e.origin} failed to load: {e.error}")
     ids = selected_ids(reg, tuple(base.get("select", ())), tuple(base.get("skip", ())))
     det_opts = {k: v for k, v in det_opts.items() if k in ids or k in cfg_file.get("detectors", {})}
     scan_cfg = ScanConfig.from_dict({**base, "sae": base.get("sae") or "", "detector_options": det_opts})
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True, disable=quiet) as progress:
         result = run_scan(scan_cfg, reg, _progress_factory(progress),
-                          log=lambda m: err.print(f"famfind: {m}", markup=False))
+                          log=lambda m: _line(f"famfind: {m}"))
     scan_id = write_scan(db, result)
     if quiet:
         typer.echo(scan_id)
@@ -150,7 +154,7 @@ def scan(
         render(con, scan_id, Console())
     finally:
         con.close()
-    err.print(f"famfind: wrote scan {scan_id} to {db}", markup=False)
+    _line(f"famfind: wrote scan {scan_id} to {db}")
 
 
 @app.command()
@@ -170,7 +174,8 @@ def sql(
     from famfind.db import connect
 
     if as_json and as_csv:
-        raise typer.BadParameter("--json and --csv are exclusive")
+        _line("famfind: usage error: --json and --csv are exclusive")
+        raise typer.Exit(2)
     q = sys.stdin.read() if query == "-" else query
     con = connect(db, read_only=True)
     try:
@@ -238,7 +243,13 @@ def heuristics_list(
     from famfind.plugins import default_registry
 
     reg = default_registry(plugin or ())
-    t = Table("id", "version", "needs", "requires", "origin", "enabled", "description")
+    t = Table()
+    t.add_column("id", no_wrap=True)
+    for c in ("version", "needs", "requires"):
+        t.add_column(c)
+    t.add_column("origin", overflow="fold")
+    t.add_column("enabled")
+    t.add_column("description", ratio=1)
     for hid in reg.ids():
         e = reg.get(hid)
         t.add_row(hid, e.cls.version, e.cls.needs, ", ".join(e.cls.requires) or "-", e.origin,

@@ -51,8 +51,9 @@ class SAE:
     k: int | None = None
     threshold: torch.Tensor | None = None
     model_name: str | None = None
-    path: str = ""
+    path: str = ""  # the weights file
     cfg: dict = field(default_factory=dict)
+    cfg_path: str = ""  # the file the config (hook, architecture) was read from
 
     @property
     def d_in(self) -> int:
@@ -66,7 +67,7 @@ class SAE:
     def layer(self) -> int:
         m = HOOK_Z_RE.match(self.hook_name)
         if not m:
-            raise FamfindError(self.path, f"hook {self.hook_name!r} is not an attention hook_z site "
+            raise FamfindError(self.cfg_path or self.path, f"hook {self.hook_name!r} is not an attention hook_z site "
                                "(expected blocks.{L}.attn.hook_z)")
         return int(m.group(1))
 
@@ -103,10 +104,10 @@ class SAE:
                 raise FamfindError(self.path, f"{name} has shape {list(got)}, expected {list(shape)} "
                                    f"from W_enc {[d_in, d_sae]}")
         if self.architecture not in ARCHITECTURES:
-            raise FamfindError(self.path, f"unknown architecture {self.architecture!r}; "
+            raise FamfindError(self.cfg_path or self.path, f"unknown architecture {self.architecture!r}; "
                                f"known: {', '.join(ARCHITECTURES)}")
         if self.architecture == "topk" and not self.k:
-            raise FamfindError(self.path, "topk SAE config has no 'k'")
+            raise FamfindError(self.cfg_path or self.path, "topk SAE config has no 'k'")
         if self.architecture == "jumprelu" and (self.threshold is None or
                                                 tuple(self.threshold.shape) != (d_sae,)):
             raise FamfindError(self.path, f"jumprelu SAE needs 'threshold' of shape [{d_sae}]")
@@ -164,6 +165,7 @@ def _from_saelens(cfg: dict, weights: dict[str, torch.Tensor], cfg_path: Path, w
         hook_name=hook, architecture=arch, apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
         k=cfg.get("k"), threshold=weights.get("threshold"),
         model_name=meta.get("model_name") or cfg.get("model_name"), path=str(w_path), cfg=cfg,
+        cfg_path=str(cfg_path),
     )
     for key, val in (("d_in", sae.d_in), ("d_sae", sae.d_sae)):
         if key in cfg and int(cfg[key]) != val:
@@ -229,7 +231,8 @@ class KissanePtLoader:
             hook = f"blocks.{cfg['layer']}.attn.hook_{hook.split('hook_')[-1]}"
         sae = SAE(W_enc=_need(sd, "W_enc", path, "tensor"), W_dec=_need(sd, "W_dec", path, "tensor"),
                   b_enc=_need(sd, "b_enc", path, "tensor"), b_dec=_need(sd, "b_dec", path, "tensor"),
-                  hook_name=hook, model_name=cfg.get("model_name"), path=str(path), cfg=cfg)
+                  hook_name=hook, model_name=cfg.get("model_name"), path=str(path), cfg=cfg,
+                  cfg_path=str(cfg_path))
         if (sae.d_in, sae.d_sae) != (int(cfg["act_size"]), int(cfg["dict_size"])):
             raise FamfindError(path, f"W_enc is {[sae.d_in, sae.d_sae]} but {cfg_path.name} says "
                                f"act_size={cfg['act_size']}, dict_size={cfg['dict_size']}")

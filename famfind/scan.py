@@ -110,7 +110,7 @@ def check_compatible(sae: SAE, model: AttnModel) -> None:
     """``d_in == n_heads * d_head`` and the layer exists; raises ``FamfindError`` naming the SAE."""
     c = model.cfg
     if sae.layer >= c.n_layers:
-        raise FamfindError(sae.path, f"SAE hook {sae.hook_name} is beyond the model's {c.n_layers} layers")
+        raise FamfindError(sae.cfg_path or sae.path, f"SAE hook {sae.hook_name} is beyond the model's {c.n_layers} layers")
     if sae.d_in != c.n_heads * c.d_head:
         raise FamfindError(sae.path, f"d_in={sae.d_in} but the model's hook_z has n_heads*d_head = "
                            f"{c.n_heads}*{c.d_head} = {c.n_heads * c.d_head}")

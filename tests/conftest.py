@@ -1,0 +1,29 @@
+"""Shared fixtures: the planted model/SAE/corpus (known answers) and one scan of them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import planted  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def planted_paths(tmp_path_factory) -> dict[str, Path]:
+    return planted.build_all(tmp_path_factory.mktemp("planted"))
+
+
+@pytest.fixture(scope="session")
+def planted_scan(planted_paths, tmp_path_factory):
+    """(ScanResult, db path, scan_id) for a default scan of the planted SAE."""
+    from famfind.db import write_scan
+    from famfind.scan import ScanConfig, run_scan
+
+    cfg = ScanConfig(sae=str(planted_paths["sae"]), corpus=str(planted_paths["corpus"]), seq_len=64)
+    result = run_scan(cfg)
+    db = tmp_path_factory.mktemp("db") / "planted.duckdb"
+    return result, db, write_scan(db, result)

@@ -1,0 +1,95 @@
+"""Detectors recover families planted by construction (see tests/planted.py)."""
+
+from __future__ import annotations
+
+import duckdb
+import torch
+
+import planted
+
+
+def _family(result) -> set[int]:
+    return set(torch.nonzero(result.ctx.results["induction_selection"].data["family"]).flatten().tolist())
+
+
+def test_head_roles_find_the_wired_heads(planted_scan):
+    result, _, _ = planted_scan
+    hr = result.ctx.results["head_roles"]
+    assert hr.data["induction_heads"] == [0]  # only head 1.0 is wired for induction
+    s = hr.data["scores"]
+    assert s["induction"][1, 0] > 0.6 and s["induction"][1, 1:].max() < 0.1
+    assert s["previous_token"][0, 0] > 0.9 and s["previous_token"][1, 2] > 0.9
+
+
+def test_induction_family_precision_recall(planted_scan):
+    result, _, _ = planted_scan
+    truth = set(planted.INDUCTION)
+    found = _family(result)
+    tp = len(found & truth)
+    precision, recall = tp / max(len(found), 1), tp / len(truth)
+    assert precision >= 0.95 and recall >= 0.95, (precision, recall, sorted(found))
+
+
+def test_selection_takes_decoys_and_behaviour_rejects_them(planted_scan):
+    result, _, _ = planted_scan
+    sel = result.ctx.results["induction_selection"].data["selected"]
+    assert set(torch.nonzero(sel).flatten().tolist()) == set(planted.INDUCTION) | set(planted.DECOYS)
+    passed = result.ctx.results["induction_behaviour"].data["passed"]
+    assert not passed[planted.DECOYS].any()
+
+
+def test_control_group_rarely_passes(planted_scan):
+    result, _, _ = planted_scan
+    ctrl = result.ctx.results["induction_selection"].data["control"]
+    assert set(torch.nonzero(ctrl).flatten().tolist()) == set(planted.CONTROLS)  # live, < 0.1 attribution
+    passed = result.ctx.results["induction_behaviour"].data["passed"]
+    assert passed[ctrl].float().mean() <= 0.05
+
+
+def test_ablating_the_induction_head_turns_the_family_off(planted_scan):
+    result, db, sid = planted_scan
+    con = duckdb.connect(str(db), read_only=True)
+    row = con.execute("SELECT selected, passed, control, control_passed, ablation_tested, ablation_off "
+                      "FROM validation WHERE scan_id = ? AND family = 'induction'", [sid]).fetchall()
+    con.close()
+    sel, passed, ctrl, ctrl_passed, tested, off = row[0]
+    assert (sel, ctrl) == (40, 60)
+    assert passed >= 19 and ctrl_passed <= 3
+    assert tested >= 15 and off == tested
+
+
+def test_dead_features_are_flagged(planted_scan):
+    result, _, _ = planted_scan
+    dead = result.ctx.stats.dead
+    assert set(torch.nonzero(dead).flatten().tolist()) == set(planted.DEAD)
+
+
+def test_behaviour_vectorised_matches_per_feature_loop(planted_paths):
+    """The vectorised checks equal a plain per-sequence, per-position Python loop."""
+    import numpy as np
+
+    from famfind.model import HFGPT2Model
+    from famfind.sae import load_sae
+    from heuristics.induction import behaviour_checks
+
+    m, sae = HFGPT2Model(planted_paths["model"]), load_sae(planted_paths["sae"])
+    toks = torch.from_numpy(np.load(planted_paths["corpus"]).astype(np.int64).reshape(-1, 64))[:40]
+    acts = sae.encode(m.run_hook_z(toks, 1).flatten(-2))
+    top = torch.arange(128) % 64
+    elig, passed = behaviour_checks(toks, acts, top)
+    for b in range(toks.shape[0]):
+        s = toks[b].tolist()
+        for f in range(0, 128, 7):
+            seen, ok, any_later = set(), True, False
+            for p in range(63):
+                big = (s[p], s[p + 1])
+                if s[p + 1] == int(top[f]):
+                    fires = bool(acts[b, p, f] > 0)
+                    if big in seen:
+                        any_later = True
+                        ok &= fires
+                    else:
+                        ok &= not fires
+                seen.add(big)
+            assert bool(elig[b, f]) == any_later
+            assert bool(passed[b, f]) == (any_later and ok)
