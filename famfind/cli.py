@@ -277,3 +277,7 @@ def build_default(
 
 def run() -> None:
     app()
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,154 @@
+"""Scan benchmarks on the embedded default; prints ratios measured in one run.
+
+1. Full default ``famfind scan`` (subprocess): wall time and peak RSS.
+2. Activation pass (stop at the SAE's layer, no autograd, SDPA attention) against a naive
+   ``run_with_cache``-style pass (full forward of every layer with explicit attention
+   patterns, every activation cached, then hook_z read from the cache and encoded); tokens/s
+   ratio, target >= 3x.
+3. Vectorised induction behaviour (all features at once) against a per-feature, per-sequence
+   Python loop over the same features and sequences; identical pass rates; ratio, target >= 50x.
+
+Run: ``python benchmarks/bench_scan.py [--tokens N] [--loop-features K]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from famfind.corpus import default_dir, load_corpus
+from famfind.model import HFGPT2Model
+from famfind.sae import load_sae
+from heuristics.attribution import direct_logits
+from heuristics.induction import behaviour_checks
+
+
+@torch.no_grad()
+def naive_cache_pass(m: HFGPT2Model, sae, tokens: torch.Tensor, bs: int) -> int:
+    """Full forward caching every activation (as ``run_with_cache`` does), then encode hook_z."""
+    fired = 0
+    for s in range(0, tokens.shape[0], bs):
+        t = tokens[s:s + bs]
+        cache = {}
+        x = m._embed(t)
+        cache["hook_embed"] = x
+        for lyr in range(m.cfg.n_layers):
+            z, pat = m._attn(x, lyr, True)
+            cache[f"blocks.{lyr}.attn.hook_pattern"], cache[f"blocks.{lyr}.attn.hook_z"] = pat, z
+            a = m._attn_out(z, lyr)
+            cache[f"blocks.{lyr}.hook_attn_out"] = a
+            x = x + a
+            cache[f"blocks.{lyr}.hook_resid_mid"] = x
+            mo = m._mlp(x, lyr)
+            cache[f"blocks.{lyr}.hook_mlp_out"] = mo
+            x = x + mo
+            cache[f"blocks.{lyr}.hook_resid_post"] = x
+        cache["logits"] = m._ln(x, "ln_f") @ m.W_U()
+        fired += int((sae.encode(cache[f"blocks.{sae.layer}.attn.hook_z"].flatten(-2)) > 0).sum())
+    return fired
+
+
+@torch.no_grad()
+def fast_pass(m: HFGPT2Model, sae, tokens: torch.Tensor, bs: int) -> int:
+    fired = 0
+    for s in range(0, tokens.shape[0], bs):
+        fired += int((sae.encode(m.run_hook_z(tokens[s:s + bs], sae.layer).flatten(-2)) > 0).sum())
+    return fired
+
+
+def loop_behaviour(tokens, acts, top, feats, n_max=200):
+    """The behaviour test written feature by feature, sequence by sequence, position by position."""
+    rates = {}
+    for f in feats:
+        t, n_eval, n_pass = int(top[f]), 0, 0
+        for b in range(tokens.shape[0]):
+            if n_eval >= n_max:
+                break
+            s = tokens[b].tolist()
+            a = acts[b, :, f].tolist()
+            seen, ok, later = set(), True, False
+            for p in range(len(s) - 1):
+                if s[p + 1] == t:
+                    if (s[p], t) in seen:
+                        later = True
+                        ok = ok and a[p] > 0
+                    else:
+                        ok = ok and not a[p] > 0
+                seen.add((s[p], s[p + 1]))
+            if later:
+                n_eval += 1
+                n_pass += ok
+        rates[f] = n_pass / max(n_eval, 1)
+    return rates
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=262_144, help="tokens for the pass comparison")
+    ap.add_argument("--loop-features", type=int, default=64, help="features for the loop comparison")
+    ap.add_argument("--skip-scan", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    d = default_dir()
+    if not args.skip_scan:
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.time()
+            subprocess.run([sys.executable, "-m", "famfind.cli", "scan", "--db", f"{tmp}/b.duckdb", "-q"],
+                           check=True, stdout=subprocess.DEVNULL)
+            wall = time.time() - t0
+        rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        print(f"full default scan: wall {wall:.1f} s, peak RSS {rss:.0f} MiB")
+
+    m, sae = HFGPT2Model(d / "model"), load_sae(d / "sae")
+    corpus = load_corpus(None, m.tokenizer, 128, args.tokens)
+    toks, bs = corpus.tokens, 32
+    fast_pass(m, sae, toks[:bs], bs)  # warm-up
+    t0 = time.time()
+    a = fast_pass(m, sae, toks, bs)
+    t_fast = time.time() - t0
+    t0 = time.time()
+    b = naive_cache_pass(m, sae, toks, bs)
+    t_naive = time.time() - t0
+    assert a == b, (a, b)
+    n = toks.numel()
+    print(f"activation pass: famfind {n / t_fast:,.0f} tok/s, naive full-model cache {n / t_naive:,.0f} tok/s, "
+          f"ratio {t_naive / t_fast:.2f}x (target >= 3x)")
+
+    top = direct_logits(sae.W_dec, m.W_O(sae.layer), m.W_U(), 1)[1][:, 0]
+    sub = toks[:2048]
+    acts = torch.cat([sae.encode(m.run_hook_z(sub[s:s + bs], 1).flatten(-2)) for s in range(0, sub.shape[0], bs)])
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randperm(sae.d_sae, generator=g)[: args.loop_features].tolist()
+    t0 = time.time()
+    ref = loop_behaviour(sub, acts, top, feats)
+    t_loop = time.time() - t0
+    t0 = time.time()
+    n_eval = torch.zeros(len(feats), dtype=torch.long)
+    n_pass = torch.zeros(len(feats), dtype=torch.long)
+    for s in range(0, sub.shape[0], bs):
+        elig, passed = behaviour_checks(sub[s:s + bs], acts[s:s + bs][..., feats], top[feats])
+        keep = elig & (elig.long().cumsum(0) + n_eval <= 200)
+        n_eval += keep.sum(0)
+        n_pass += (passed & keep).sum(0)
+    t_vec = time.time() - t0
+    vec = (n_pass.double() / n_eval.clamp_min(1)).tolist()
+    same = all(abs(vec[i] - ref[f]) < 1e-12 for i, f in enumerate(feats))
+    print(f"behaviour test on {len(feats)} features x {sub.shape[0]} sequences: loop {t_loop:.2f} s, "
+          f"vectorised {t_vec:.3f} s, ratio {t_loop / t_vec:.0f}x (target >= 50x), identical pass rates: {same}")
+    t0 = time.time()
+    for s in range(0, sub.shape[0], bs):
+        behaviour_checks(sub[s:s + bs], acts[s:s + bs], top)
+    t_all = time.time() - t0
+    print(f"vectorised over all {sae.d_sae} features: {t_all:.2f} s "
+          f"(loop extrapolated: {t_loop / len(feats) * sae.d_sae:.0f} s, ratio {t_loop / len(feats) * sae.d_sae / t_all:.0f}x)")
+
+
+if __name__ == "__main__":
+    main()

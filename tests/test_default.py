@@ -1,0 +1,83 @@
+"""The shipped embedded default: loads offline, matches SAELens, meets its bars on a slice,
+and the scan finds the induction family end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from famfind.corpus import default_dir
+from famfind.model import HFGPT2Model
+from famfind.roles import head_scores
+from famfind.sae import load_sae
+
+D = default_dir()
+pytestmark = pytest.mark.skipif(not (D / "sae" / "cfg.json").exists(),
+                                reason="embedded default artefacts are not built (famfind build-default --install)")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return HFGPT2Model(D / "model")
+
+
+@pytest.fixture(scope="module")
+def sae():
+    return load_sae(D / "sae")
+
+
+def test_shapes_hook_and_offline_load(model, sae):
+    c = model.cfg
+    assert (c.n_layers, c.n_heads) == (2, 8) and c.n_heads >= 4
+    assert sae.hook_name == "blocks.1.attn.hook_z" and sae.layer == 1
+    assert sae.d_in == c.n_heads * c.d_head and sae.d_sae >= 16 * sae.d_in
+    assert sae.W_enc.shape == (sae.d_in, sae.d_sae) and sae.W_dec.shape == (sae.d_sae, sae.d_in)
+    cfg = json.loads((D / "sae" / "cfg.json").read_text())
+    assert cfg["reshape_activations"] == "hook_z" and cfg["metadata"]["hook_name"] == sae.hook_name
+    tok = np.load(D / "eval_tokens.npy")
+    assert tok.dtype == np.uint16 and tok.size >= 1_000_000 and tok.max() < c.d_vocab
+    assert model.tokenizer.decode(model.tokenizer.encode("def induction(x):")) == "def induction(x):"
+
+
+def test_hf_transformers_and_saelens_read_the_same_weights(model, sae):
+    transformers = pytest.importorskip("transformers", reason="transformers is in the [test] extra")
+    sae_lens = pytest.importorskip("sae_lens", reason="SAELens is in the [test] extra")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(str(D / "model")).eval()
+    x = torch.from_numpy(np.load(D / "eval_tokens.npy")[:256].astype(np.int64)).view(2, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(model.logits(x), hf(x).logits, atol=1e-4, rtol=1e-4)
+    theirs = sae_lens.SAE.load_from_disk(str(D / "sae"))
+    assert torch.equal(theirs.W_dec, sae.W_dec) and torch.equal(theirs.b_enc, sae.b_enc)
+    z = model.run_hook_z(x, 1)
+    torch.testing.assert_close(theirs.encode(z), sae.encode(z.flatten(-2)))
+
+
+def test_induction_head_remeasured(model):
+    ind = head_scores(model, [0, 1], seq_len=50, n_seqs=16)["induction"][1]
+    assert ind.max() >= 0.5, ind
+
+
+def test_l0_on_a_slice(model, sae):
+    x = torch.from_numpy(np.load(D / "eval_tokens.npy")[: 128 * 64].astype(np.int64)).view(64, 128)
+    acts = sae.encode(model.run_hook_z(x, 1).flatten(-2))
+    l0 = (acts > 0).float().sum(-1).mean().item()
+    assert 5 <= l0 <= 40, l0
+
+
+def test_scan_finds_the_induction_family(tmp_path):
+    from famfind.db import write_scan
+    from famfind.scan import ScanConfig, run_scan
+
+    res = run_scan(ScanConfig(max_tokens=300_000))
+    assert write_scan(tmp_path / "d.duckdb", res) == 1
+    data = res.ctx.results["induction_selection"].data
+    passed = res.ctx.results["induction_behaviour"].data["passed"]
+    assert res.ctx.results["head_roles"].data["induction_heads"], "no induction head found"
+    sel, ctrl = data["selected"], data["control"]
+    assert int((sel & passed).sum()) >= 1
+    sel_rate = (sel & passed).sum().item() / max(sel.sum().item(), 1)
+    ctrl_rate = (ctrl & passed).sum().item() / max(ctrl.sum().item(), 1)
+    assert sel_rate >= 5 * ctrl_rate, (sel_rate, ctrl_rate)
