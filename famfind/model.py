@@ -244,6 +244,17 @@ class TLModel:
         except Exception as e:  # hub/network/unknown-name errors come in many types
             raise FamfindError(name, f"TransformerLens could not load it ({type(e).__name__}: "
                                f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+        self._wrap(name)
+
+    @classmethod
+    def from_hooked(cls, hooked, name: str) -> "TLModel":
+        """Wrap an already-built ``HookedTransformer`` (e.g. one made offline from weights)."""
+        self = cls.__new__(cls)
+        self.tl = hooked
+        self._wrap(name)
+        return self
+
+    def _wrap(self, name: str) -> None:
         c = self.tl.cfg
         self.cfg = ModelConfig(name=name, n_layers=c.n_layers, n_heads=c.n_heads, d_head=c.d_head,
                                d_model=c.d_model, d_vocab=c.d_vocab, n_ctx=c.n_ctx)

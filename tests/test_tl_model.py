@@ -1,0 +1,44 @@
+"""famfind's TransformerLens adapter agrees with its built-in GPT-2 runner.
+
+A ``HookedTransformer`` is built offline from the planted GPT-2 checkpoint with
+TransformerLens's own ``convert_gpt2_weights`` (no hub), then wrapped by ``TLModel``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from famfind.model import HFGPT2Model, TLModel
+
+tl = pytest.importorskip("transformer_lens", reason="TransformerLens (< 4) comes with the [test] extra via SAELens")
+transformers = pytest.importorskip("transformers", reason="transformers is in the [test] extra")
+
+
+@pytest.fixture(scope="module")
+def pair(planted_paths):
+    from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
+
+    hf = transformers.GPT2LMHeadModel.from_pretrained(str(planted_paths["model"])).eval()
+    c = hf.config
+    cfg = tl.HookedTransformerConfig(n_layers=c.n_layer, d_model=c.n_embd, n_ctx=c.n_positions,
+                                     d_head=c.n_embd // c.n_head, n_heads=c.n_head, d_mlp=4 * c.n_embd,
+                                     d_vocab=c.vocab_size, act_fn="gelu_new", normalization_type="LN")
+    ht = tl.HookedTransformer(cfg)
+    ht.load_state_dict(convert_gpt2_weights(hf, cfg), strict=False)
+    return HFGPT2Model(planted_paths["model"]), TLModel.from_hooked(ht, "planted")
+
+
+def test_weights_hook_z_and_patterns_agree(pair, planted_paths):
+    ours, theirs = pair
+    assert ours.cfg.n_heads == theirs.cfg.n_heads and ours.cfg.d_head == theirs.cfg.d_head
+    for lyr in range(2):
+        for w in ("W_Q", "W_K", "W_V", "W_O"):
+            torch.testing.assert_close(getattr(ours, w)(lyr), getattr(theirs, w)(lyr))
+    x = torch.from_numpy(np.load(planted_paths["corpus"]).astype(np.int64)[:256]).view(4, 64)
+    torch.testing.assert_close(ours.run_hook_z(x, 1), theirs.run_hook_z(x, 1), atol=1e-4, rtol=1e-4)
+    abl = {(1, 0): torch.ones(64)}
+    torch.testing.assert_close(ours.run_hook_z(x, 1, abl), theirs.run_hook_z(x, 1, abl), atol=1e-4, rtol=1e-4)
+    p1, p2 = ours.patterns(x, [0, 1]), theirs.patterns(x, [0, 1])
+    torch.testing.assert_close(p1[1], p2[1], atol=1e-4, rtol=1e-4)
