@@ -196,9 +196,13 @@ def run_scan(config: ScanConfig, registry: Registry | None = None,
             runs[hid] = DetectorRun(hid, det.version, reg.get(hid).origin, "ok", "", time.time() - t)
         return True
 
+    det_adv = progress_factory("detectors", len(order)) if progress_factory else (lambda n: None)
+    done = 0
     for hid in order:
         if hid not in post:
             execute(hid, lambda hid=hid: dets[hid].run(ctx), True)
+            done += 1
+            det_adv(done)
     observers = []
     for hid in order:
         if dets[hid].needs == "activations" and execute(hid, lambda hid=hid: dets[hid].start(ctx), False):
@@ -216,4 +220,7 @@ def run_scan(config: ScanConfig, registry: Registry | None = None,
     for hid in order:
         if hid in post and (hid not in runs or runs[hid].status == "ok"):
             execute(hid, lambda hid=hid: dets[hid].run(ctx), True)
+        if hid in post:
+            done += 1
+            det_adv(done)
     return ScanResult(ctx, [runs[h] for h in order], file_sha256(sae_path), time.time() - t0)
