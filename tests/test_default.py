@@ -55,6 +55,12 @@ def test_hf_transformers_and_saelens_read_the_same_weights(model, sae):
     torch.testing.assert_close(theirs.encode(z), sae.encode(z.flatten(-2)))
 
 
+NO_INDUCTION = pytest.mark.xfail(
+    strict=True, reason="the shipped default has no induction head yet (issue #2: induction score ~0.014); "
+                        "strict, so this fails loudly once a model with one ships")
+
+
+@NO_INDUCTION
 def test_induction_head_remeasured(model):
     ind = head_scores(model, [0, 1], seq_len=50, n_seqs=16)["induction"][1]
     assert ind.max() >= 0.5, ind
@@ -67,6 +73,20 @@ def test_l0_on_a_slice(model, sae):
     assert 5 <= l0 <= 40, l0
 
 
+def test_scan_runs_end_to_end_and_reports_what_it_finds(tmp_path):
+    """Every built-in detector runs on the real default and writes its rows."""
+    from famfind.db import write_scan
+    from famfind.scan import ScanConfig, run_scan
+
+    res = run_scan(ScanConfig(max_tokens=200_000))
+    assert all(r.status == "ok" for r in res.runs), [(r.id, r.error) for r in res.runs]
+    assert write_scan(tmp_path / "d.duckdb", res) == 1
+    beh = res.ctx.results["induction_behaviour"].data
+    assert int((beh["n_sequences"] > 0).sum()) > 100  # the behaviour test reached many features
+    assert res.ctx.stats.n_tokens == 200_000 // 128 * 128
+
+
+@NO_INDUCTION
 def test_scan_finds_the_induction_family(tmp_path):
     from famfind.db import write_scan
     from famfind.scan import ScanConfig, run_scan
