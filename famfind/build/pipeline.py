@@ -1,0 +1,153 @@
+"""``famfind build-default``: rebuild the embedded default from scratch, print the bars.
+
+Steps (fixed seeds; each resumes from what ``build_dir`` already holds):
+1-2. corpus + BPE tokenizer (:mod:`famfind.build.corpus`);
+3. model (:mod:`famfind.build.train_model`), checkpointed every 250 steps;
+4. SAE (:mod:`famfind.build.train_sae`);
+5. bars on held-out tokens (:mod:`famfind.build.bars`) and the cards;
+``install=True`` copies model/, sae/, eval_tokens.npy and the cards to famfind/data/default.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from famfind.build.bars import measure
+from famfind.corpus import default_dir
+
+
+def build_all(build_dir: Path, install: bool = False, log=print) -> dict:
+    import torch
+
+    from famfind.build.corpus import build_corpus
+    from famfind.build.train_model import train_model
+    from famfind.build.train_sae import train_sae
+
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    build_dir = Path(build_dir)
+    if not (build_dir / "corpus.json").exists():
+        log("building corpus + tokenizer")
+        build_corpus(build_dir)
+    if not (build_dir / "model" / "model.safetensors").exists():
+        log("training model (resumable)")
+        train_model(build_dir, log=log)
+    shutil.copy(build_dir / "tokenizer.json", build_dir / "model" / "tokenizer.json")
+    if not (build_dir / "sae" / "sae_weights.safetensors").exists():
+        log("training SAE")
+        train_sae(build_dir, log=log)
+    bars = measure(build_dir, build_dir / "train_tokens.npy")
+    (build_dir / "bars.json").write_text(json.dumps(bars, indent=1))
+    write_cards(build_dir)
+    log(json.dumps(bars, indent=1))
+    if install:
+        dst = default_dir()
+        for sub in ("model", "sae"):
+            shutil.rmtree(dst / sub, ignore_errors=True)
+            shutil.copytree(build_dir / sub, dst / sub)
+        for f in ("eval_tokens.npy", "bars.json", "DATA_CARD.md", "MODEL_CARD.md", "SAE_CARD.md",
+                  "LICENSE-python-docs.txt"):
+            shutil.copy(build_dir / f, dst / f)
+    return bars
+
+
+def _tick(ok: bool) -> str:
+    return "met" if ok else "**NOT met**"
+
+
+def write_cards(d: Path) -> None:
+    """DATA_CARD.md, MODEL_CARD.md, SAE_CARD.md from corpus.json, bars.json, training logs."""
+    c = json.loads((d / "corpus.json").read_text())
+    b = json.loads((d / "bars.json").read_text())
+    th = json.loads((d / "train_history.json").read_text())
+    sh = json.loads((d / "sae_history.json").read_text())
+    m, s, met = b["model"], b["sae"], b["met"]
+    tr, ho = c["train"], c["heldout"]
+    (d / "DATA_CARD.md").write_text(f"""# Data card: famfind embedded-default corpus
+
+| source (Debian bookworm package) | version | licence | role |
+|---|---|---|---|
+| `python3.11-doc`: reST sources of the Python 3.11 docs (`html/_sources/**/*.rst.txt`) | {c['packages']['python3.11-doc']} | PSF License v2 (docs; see LICENSE-python-docs.txt) | prose |
+| `libpython3.11-stdlib`: CPython 3.11 standard library (`usr/lib/python3.11/**/*.py`), sampled to ~20% of characters | {c['packages']['libpython3.11-stdlib']} | PSF License v2 | code |
+
+| split | prose docs | prose bytes | code docs | code bytes | tokens |
+|---|---|---|---|---|---|
+| train | {tr['prose']['documents']} | {tr['prose']['bytes']:,} | {tr['code']['documents']} | {tr['code']['bytes']:,} | {tr['tokens']:,} |
+| held-out | {ho['prose']['documents']} | {ho['prose']['bytes']:,} | {ho['code']['documents']} | {ho['code']['bytes']:,} | {ho['tokens']:,} |
+
+Split: whole documents, seeded permutation (seed {c['seed']}); the model, tokenizer and SAE
+never see a held-out document. Tokenizer: byte-level BPE, vocab {c['vocab_size']}, trained on
+the train split only (`model/tokenizer.json`; `<|endoftext|>` = id 0).
+
+`eval_tokens.npy`: the held-out split as a 1-D `uint16` array, documents joined by
+`<|endoftext|>`; `famfind scan` cuts it into 128-token sequences.
+Rebuild: `famfind build-default --build-dir build/default` (fetches the two packages with
+`apt-get download`; a later Debian security update changes the package versions above).
+""")
+    switched = th.get("switched_at")
+    status = ("A layer-1 induction head formed during training." if met["induction_score >= 0.5"] else
+              "**No induction head formed.** Neither this curriculum nor the variants tried while building "
+              "(8 heads of d_head 16; denser repeats; 64-token phase-1 sequences; see the issue notes) "
+              "moved the layer-1 induction score off chance (~0.014) on this CPU budget. The model is a real "
+              "language model trained on real text, but it does not yet meet issue #2's induction bars.")
+    notes = [h["note"] for h in th["history"] if "note" in h]
+    last = [h for h in th["history"] if "loss" in h][-1]
+    (d / "MODEL_CARD.md").write_text(f"""# Model card: famfind embedded default (2-layer GELU transformer)
+
+GPT-2 architecture (Hugging Face `GPT2LMHeadModel` checkpoint: `config.json` +
+`model.safetensors` + `tokenizer.json`), {th['config']['n_layers']} layers, d_model
+{th['config']['d_model']}, {th['config']['n_heads']} heads (d_head {th['config']['d_model'] // th['config']['n_heads']}),
+MLP 4x with GELU, learned positions, n_ctx {th['config']['n_ctx']}, vocab {c['vocab_size']}, tied embeddings.
+Trained on the train split of DATA_CARD.md, {th['config']['steps']} steps x {th['config']['batch']} x {th['config']['n_ctx']} tokens.
+
+## Bars (held-out tokens)
+
+| bar | value | target | |
+|---|---|---|---|
+| best layer-1 induction score (head {m['induction_head']}) | {m['induction_score_best']} | >= 0.5 | {_tick(met['induction_score >= 0.5'])} |
+| loss on 2nd copy / 1st copy of repeated held-out text | {m['repeat_loss_second_copy']} / {m['repeat_loss_first_copy']} = {m['repeat_loss_ratio']} | <= 0.5 | {_tick(met['repeat_loss_ratio <= 0.5'])} |
+| held-out loss (nats/token) vs unigram baseline | {m['heldout_loss']} vs {m.get('unigram_loss', 'n/a')} | below baseline | {_tick(m['heldout_loss'] < m.get('unigram_loss', 1e9))} |
+
+Layer-1 induction scores per head: {m['induction_scores_layer1']}; layer-0 previous-token
+scores: {m['previous_token_scores_layer0']}. Re-measure: `python -m famfind.build.bars`.
+
+## Recipe, and the induction bar
+
+{status}
+
+Recipe as run (`famfind/build/train_model.py`; every step logged in `train_history.json`):
+phase 1 mixes natural text (20%) with random-token sequences from the ids [1, {th['config']['small_vocab']}) in
+which a span repeats at varied gaps, as {th['config']['phase1_batch']} x {th['config']['phase1_len']}-token sequences at random
+absolute positions; it was to end when a layer-1 head's induction score on that token set
+reached {th['config']['induction_switch']}, and ended at step {switched} (the cap is {th['config']['max_warmup_steps']}). Phase 2 is 60%
+natural text, 20% repeated random spans over the whole vocabulary and 20% natural text with
+copied spans, {th['config']['batch']} x {th['config']['n_ctx']} tokens a step. AdamW, lr {th['config']['lr']} (warm-up 200 steps, cosine
+to 10%), weight decay {th['config']['weight_decay']}, position table initialised to the sinusoidal table, seed {th['config']['seed']}.
+Last logged step: {last}.
+
+Changes made while building (logged in `train_history.json`): {'; '.join(notes) or 'none'}.
+""")
+    sc = sh["config"]
+    (d / "SAE_CARD.md").write_text(f"""# SAE card: famfind embedded default, `blocks.1.attn.hook_z`
+
+ReLU ("standard") SAE on the concatenated heads of layer 1's `hook_z` (d_in {s['d_sae'] // sc['expansion']},
+d_sae {s['d_sae']}, {sc['expansion']}x), SAELens on-disk format (`cfg.json` +
+`sae_weights.safetensors`, `metadata.hook_name = blocks.1.attn.hook_z`,
+`reshape_activations = hook_z`); `sae_lens.SAE.load_from_disk` reads it.
+Trained on hook_z of the train split: L2 reconstruction + L1 penalty with unit-norm decoder
+rows (Bricken et al. 2023), Adam lr {sc['lr']}, {sc['steps']} steps x {sc['batch']} tokens,
+dead-feature resampling every {sc['resample_every']} steps; the L1 coefficient was steered
+toward L0 = {sc['target_l0']} during the first {int(sc['l1_tune_frac'] * 100)}% of steps, then frozen.
+
+## Bars ({s['n_tokens']:,} held-out tokens)
+
+| bar | value | target | |
+|---|---|---|---|
+| L0 | {s['l0']} | [5, 40] | {_tick(met['L0 in [5, 40]'])} |
+| loss recovered (vs zero-ablating hook_z) | {s['loss_recovered']:.1%} | >= 70% | {_tick(met['loss_recovered >= 0.70'])} |
+| dead features (never fire on the held-out set) | {s['dead_fraction']:.1%} | <= 40% | {_tick(met['dead_fraction <= 0.40'])} |
+
+CE clean {s['ce_clean']}, with SAE {s['ce_with_sae']}, zero-ablated {s['ce_zero_ablated']};
+explained variance {s['explained_variance']}. Re-measure: `python -m famfind.build.bars`.
+""")
