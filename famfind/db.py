@@ -5,7 +5,7 @@ Core tables (schema also in README.md):
 - ``scans``: scan_id, created_at, famfind_version, sae_path, sae_sha256, architecture, d_in,
   d_sae, model, hook_name, layer, corpus, n_tokens, seq_len, l0, dead_fraction, seconds,
   config (JSON);
-- ``detector_runs``: scan_id, detector, version, origin, status, error, seconds;
+- ``detector_runs``: scan_id, detector, version, origin, status, error, seconds, summary (JSON);
 - ``features``: scan_id, feature, fire_count, density, mean_act, max_act, dead;
 - ``heads``: scan_id, layer, head, metric, score;
 - ``detections``: scan_id, detector, feature, score, passed, evidence (JSON);
@@ -43,7 +43,7 @@ CREATE TABLE IF NOT EXISTS scans (scan_id INTEGER PRIMARY KEY, created_at TIMEST
   hook_name VARCHAR, layer INTEGER, corpus VARCHAR, n_tokens BIGINT, seq_len INTEGER, l0 DOUBLE,
   dead_fraction DOUBLE, seconds DOUBLE, config JSON);
 CREATE TABLE IF NOT EXISTS detector_runs (scan_id INTEGER, detector VARCHAR, version VARCHAR, origin VARCHAR,
-  status VARCHAR, error VARCHAR, seconds DOUBLE);
+  status VARCHAR, error VARCHAR, seconds DOUBLE, summary JSON);
 CREATE TABLE IF NOT EXISTS features (scan_id INTEGER, feature INTEGER, fire_count BIGINT, density DOUBLE,
   mean_act DOUBLE, max_act DOUBLE, dead BOOLEAN);
 CREATE TABLE IF NOT EXISTS heads (scan_id INTEGER, layer INTEGER, head INTEGER, metric VARCHAR, score DOUBLE);
@@ -94,9 +94,10 @@ def scan_frames(result) -> dict[str, pl.DataFrame]:
     }])
     frames["detector_runs"] = pl.DataFrame(
         [{"detector": r.id, "version": r.version, "origin": r.origin, "status": r.status,
-          "error": r.error, "seconds": r.seconds} for r in result.runs],
+          "error": r.error, "seconds": r.seconds,
+          "summary": json.dumps(ctx.results[r.id].summary if r.id in ctx.results else {})} for r in result.runs],
         schema={"detector": pl.Utf8, "version": pl.Utf8, "origin": pl.Utf8, "status": pl.Utf8,
-                "error": pl.Utf8, "seconds": pl.Float64})
+                "error": pl.Utf8, "seconds": pl.Float64, "summary": pl.Utf8})
     fc = st.fire_count.numpy()
     frames["features"] = pl.DataFrame({
         "feature": np.arange(F, dtype=np.int32), "fire_count": fc, "density": st.density.numpy(),

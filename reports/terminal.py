@@ -61,6 +61,12 @@ def render(con, scan_id: int, console: Console, top: int = 10) -> None:
                 t.add_row("[dim]induction (paper)[/]", *[f"[dim]{p[k]}[/]" for k in
                           ("selected", "passed", "control", "control_passed", "ablation_tested", "ablation_off")])
         console.print(t)
+        sel = _q(con, "SELECT summary FROM detector_runs WHERE scan_id = ? AND detector = 'induction_selection'",
+                 scan_id)
+        if sel and sel[0][0]:
+            heads = json.loads(sel[0][0]).get("induction_heads")
+            console.print("induction heads used for selection: " + (", ".join(heads) if heads else
+                          "none reached --induction-head-threshold, so no feature can be selected"))
 
     live = _q(con, "SELECT count(*) FROM features WHERE scan_id = ? AND NOT dead", scan_id)[0][0]
     fams = _q(con, "SELECT family, count(DISTINCT feature) FROM families WHERE scan_id = ? GROUP BY family "

@@ -31,7 +31,7 @@ def sae():
 
 def test_shapes_hook_and_offline_load(model, sae):
     c = model.cfg
-    assert (c.n_layers, c.n_heads) == (2, 8) and c.n_heads >= 4
+    assert (c.n_layers, c.n_heads, c.d_head) == (2, 4, 32)  # issue #2: 2 layers, >= 4 heads
     assert sae.hook_name == "blocks.1.attn.hook_z" and sae.layer == 1
     assert sae.d_in == c.n_heads * c.d_head and sae.d_sae >= 16 * sae.d_in
     assert sae.W_enc.shape == (sae.d_in, sae.d_sae) and sae.W_dec.shape == (sae.d_sae, sae.d_in)

@@ -46,7 +46,7 @@ def build_all(build_dir: Path, install: bool = False, log=print) -> dict:
         for sub in ("model", "sae"):
             shutil.rmtree(dst / sub, ignore_errors=True)
             shutil.copytree(build_dir / sub, dst / sub)
-        for f in ("eval_tokens.npy", "bars.json", "DATA_CARD.md", "MODEL_CARD.md", "SAE_CARD.md",
+        for f in ("eval_tokens.npy", "bars.json", "DATA_CARD.md", "MODEL_CARD.md", "SAE_CARD.md", "train_history.json", "sae_history.json",
                   "LICENSE-python-docs.txt"):
             shutil.copy(build_dir / f, dst / f)
     return bars
@@ -126,7 +126,7 @@ copied spans, {th['config']['batch']} x {th['config']['n_ctx']} tokens a step. A
 to 10%), weight decay {th['config']['weight_decay']}, position table initialised to the sinusoidal table, seed {th['config']['seed']}.
 Last logged step: {last}.
 
-Changes made while building (logged in `train_history.json`): {'; '.join(notes) or 'none'}.
+Changes made while building (logged in `train_history.json`): {'; '.join(notes) or 'none in this run, which started from scratch; the earlier attempts and diagnostics are summarised in the closing notes of issue #2'}.
 """)
     sc = sh["config"]
     (d / "SAE_CARD.md").write_text(f"""# SAE card: famfind embedded default, `blocks.1.attn.hook_z`
