@@ -164,36 +164,33 @@ def run_scan(config: ScanConfig, registry: Registry | None = None,
     ctx = ScanContext(sae, model, corpus, config, generator=torch.Generator().manual_seed(config.seed), log=log)
     runs: dict[str, DetectorRun] = {}
 
+    spent: dict[str, float] = {}
+
     def execute(hid: str, fn: Callable[[], Any], store: bool) -> bool:
-        det = dets[hid]
+        """Run one step of a detector; record failure (or skip) instead of raising."""
+        det, origin = dets[hid], reg.get(hid).origin
         failed_req = [r for r in det.requires if runs.get(r) and runs[r].status != "ok"]
         if failed_req:
-            runs[hid] = DetectorRun(hid, det.version, reg.get(hid).origin, "skipped",
-                                    f"requires {failed_req[0]!r}, which did not run")
+            runs[hid] = DetectorRun(hid, det.version, origin, "skipped", f"requires {failed_req[0]!r}, which did not run")
             return False
         t = time.time()
         try:
             out = fn()
+            if store and not isinstance(out, Result):
+                raise TypeError(f"run() returned {type(out).__name__}, not famfind.plugins.Result")
         except FamfindError:
             raise
         except Exception as e:  # one broken detector never stops a scan
             if config.strict_plugins:
-                raise FamfindError(reg.get(hid).origin, f"detector {hid!r} failed "
-                                   f"({type(e).__name__}: {e})") from e
-            runs[hid] = DetectorRun(hid, det.version, reg.get(hid).origin, "failed",
-                                    f"{type(e).__name__}: {e}"[:300], time.time() - t)
-            log(f"warning: detector {hid} ({reg.get(hid).origin}) failed: {type(e).__name__}: {e}")
+                raise FamfindError(origin, f"detector {hid!r} failed ({type(e).__name__}: {e})") from e
+            runs[hid] = DetectorRun(hid, det.version, origin, "failed", f"{type(e).__name__}: {e}"[:300],
+                                    spent.get(hid, 0.0) + time.time() - t)
+            log(f"warning: detector {hid} ({origin}) failed: {type(e).__name__}: {e}")
             return False
+        spent[hid] = spent.get(hid, 0.0) + time.time() - t
         if store:
-            if not isinstance(out, Result):
-                return execute(hid, lambda: (_ for _ in ()).throw(
-                    TypeError(f"run() returned {type(out).__name__}, not famfind.plugins.Result")), False)
             ctx.results[hid] = out
-            prev = runs.get(hid)
-            runs[hid] = DetectorRun(hid, det.version, reg.get(hid).origin, "ok", "",
-                                    time.time() - t + (prev.seconds if prev else 0.0))
-        else:
-            runs[hid] = DetectorRun(hid, det.version, reg.get(hid).origin, "ok", "", time.time() - t)
+        runs[hid] = DetectorRun(hid, det.version, origin, "ok", "", spent[hid])
         return True
 
     det_adv = progress_factory("detectors", len(order)) if progress_factory else (lambda n: None)
