@@ -19,13 +19,10 @@ from famfind.corpus import default_dir
 
 
 def build_all(build_dir: Path, install: bool = False, log=print) -> dict:
-    import torch
-
     from famfind.build.corpus import build_corpus
     from famfind.build.train_model import train_model
     from famfind.build.train_sae import train_sae
 
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     build_dir = Path(build_dir)
     if not (build_dir / "corpus.json").exists():
         log("building corpus + tokenizer")

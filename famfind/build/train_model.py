@@ -1,4 +1,4 @@
-"""Train the embedded default: a 2-layer GELU GPT-2-architecture model with an induction head.
+"""Train the embedded default: a 2-layer GELU GPT-2-architecture model, aiming for an induction head.
 
 Natural text alone does not grow an induction head in a model this small within a CPU
 budget (measured in issue #2: induction score <= 0.02 after 3,000 steps), and repeated
@@ -6,9 +6,9 @@ random tokens at a *fixed* period teach a positional shortcut. The recipe here i
 curriculum over three kinds of training sequence (all next-token loss):
 
 - ``natural``: a random window of the training split;
-- ``random_repeat``: uniform random tokens with one random span (8-99 tokens) repeated
-  through the sequence at varied gaps, so no fixed period (content-based induction is the
-  only way to predict the copies);
+- ``random_repeat``: uniform random tokens with one random span repeated through the
+  sequence at varied gaps (no fixed period; small-scale runs still found a fuzzy positional
+  shortcut for these, see issue #2's notes);
 - ``natural_repeat``: a natural window with one of its spans copied later (induction on
   real tokens, so the mechanism transfers to text).
 
@@ -16,8 +16,9 @@ Phase 1 uses 64-token sequences at random absolute positions (``position_ids`` o
 every position embedding trains and the previous-token mechanism must be relative), 80%
 random repeats over the fixed token set ``[1, 512)``; it lasts until a layer-1 head's induction
 score on repeated random tokens from that set reaches ``induction_switch`` (or ``max_warmup_steps``); phase 2 moves
-to the full vocabulary and mostly natural text. The induction score (Olsson et al. 2022;
-TransformerLens ``head_detector`` "induction") is checked on the fly and logged.
+to the full vocabulary and mostly natural text. Head scores (:mod:`famfind.roles`) are
+logged every 50 steps. As built, this recipe did **not** grow an induction head
+(MODEL_CARD.md).
 Checkpoints every ``ckpt_every`` steps; re-running resumes from the last one.
 """
 
@@ -28,9 +29,12 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
+
+from famfind.roles import head_scores
 
 
 @dataclass(frozen=True)
@@ -53,24 +57,22 @@ class TrainConfig:
     pos_init: str = "sinusoidal"  # learned positions, initialised to the sin/cos table (then trained)
 
 
-def induction_score_per_head(model, vocab: int, seq_len: int = 50, batch: int = 16,
-                             seed: int = 1, lo: int = 1) -> torch.Tensor:
-    """Induction score per head, shape ``[n_layers, n_heads]``, range [0, 1].
+class _Probe:
+    """The training model seen through the interface :func:`famfind.roles.head_scores` needs,
+    drawing probe tokens from ``[0, d_vocab)``; eager attention only while probing."""
 
-    Mean attention from each token of the second copy of ``batch`` repeated random-token
-    sequences (``[BOS?] r_1..r_n r_1..r_n``) to the token *after* its first copy (offset
-    ``-(seq_len - 1)``), as TransformerLens ``detect_head(..., "induction_head")`` measures.
-    """
-    g = torch.Generator().manual_seed(seed)
-    r = torch.randint(lo, vocab, (batch, seq_len), generator=g)
-    toks = torch.cat([r, r], dim=1)
-    with torch.no_grad():
-        out = model(toks, output_attentions=True)
-    scores = []
-    for att in out.attentions:  # [batch, n_heads, pos, pos]
-        idx = torch.arange(seq_len, 2 * seq_len)
-        scores.append(att[:, :, idx, idx - seq_len + 1].mean(dim=(0, 2)))
-    return torch.stack(scores)
+    def __init__(self, model, d_vocab: int):
+        self.model, self.tokenizer = model, None
+        self.cfg = SimpleNamespace(d_vocab=d_vocab, n_ctx=model.config.n_positions)
+
+    @torch.no_grad()
+    def patterns(self, tokens: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+        self.model.config._attn_implementation = "eager"
+        try:
+            att = self.model(tokens, output_attentions=True).attentions
+        finally:
+            self.model.config._attn_implementation = "sdpa"
+        return {lyr: att[lyr] for lyr in layers}
 
 
 def sinusoidal_table(n_ctx: int, d_model: int) -> torch.Tensor:
@@ -80,15 +82,6 @@ def sinusoidal_table(n_ctx: int, d_model: int) -> torch.Tensor:
     table = torch.zeros(n_ctx, d_model)
     table[:, 0::2], table[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)
     return table
-
-
-def _prev_token_score(model, vocab: int, T: int = 64, batch: int = 8) -> torch.Tensor:
-    """Layer-0 mean attention to the previous token, per head ``[n_heads]``."""
-    x = torch.randint(1, vocab, (batch, T), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        att = model(x, output_attentions=True).attentions[0]
-    i = torch.arange(1, T)
-    return att[:, :, i, i - 1].mean(dim=(0, 2))
 
 
 def _repeat_sequence(rng: np.random.Generator, T: int, lo: int, hi: int) -> np.ndarray:
@@ -144,7 +137,7 @@ def train_model(build_dir: Path, cfg: TrainConfig = TrainConfig(), log=print) ->
     if cfg.pos_init == "sinusoidal":  # Vaswani et al. 2017 table, scaled to the init std of wte
         with torch.no_grad():
             model.transformer.wpe.weight.copy_(sinusoidal_table(cfg.n_ctx, cfg.d_model) * 0.1)
-    model.config._attn_implementation = "eager"
+    model.config._attn_implementation = "sdpa"
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             betas=(0.9, 0.98))
     ckpt_path = build_dir / "train_ckpt.pt"
@@ -180,17 +173,17 @@ def train_model(build_dir: Path, cfg: TrainConfig = TrainConfig(), log=print) ->
         toks_seen += x.numel()
         if (step + 1) % 50 == 0:
             model.eval()
-            ind = induction_score_per_head(model, vocab)
-            ind_small = induction_score_per_head(model, cfg.small_vocab)
-            prev = _prev_token_score(model, cfg.small_vocab)
+            ind = head_scores(_Probe(model, vocab), [1])["induction"][0]  # [n_heads], layer 1
+            small = head_scores(_Probe(model, cfg.small_vocab), [0, 1])
+            ind_small, prev = small["induction"][1], small["previous_token"][0]
             model.train()
             rec = {"step": step + 1, "loss": round(loss.item(), 4),
-                   "best_induction": round(ind[-1].max().item(), 3),
-                   "best_head": f"1.{int(ind[-1].argmax())}",
-                   "best_induction_small_set": round(ind_small[-1].max().item(), 3),
+                   "best_induction": round(ind.max().item(), 3),
+                   "best_head": f"1.{int(ind.argmax())}",
+                   "best_induction_small_set": round(ind_small.max().item(), 3),
                    "best_prev_token_l0": round(prev.max().item(), 3),
                    "tok_per_s": round(toks_seen / (time.time() - t0)), "phase": 1 if phase1 else 2}
-            if switched_at is None and (ind_small[-1].max().item() >= cfg.induction_switch
+            if switched_at is None and (ind_small.max().item() >= cfg.induction_switch
                                         or step + 1 >= cfg.max_warmup_steps):
                 switched_at = step + 1
             history.append(rec)
@@ -199,7 +192,6 @@ def train_model(build_dir: Path, cfg: TrainConfig = TrainConfig(), log=print) ->
             torch.save({"cfg": asdict(cfg), "model": model.state_dict(), "opt": opt.state_dict(),
                         "step": step + 1, "history": history, "switched_at": switched_at}, ckpt_path)
     out = build_dir / "model"
-    model.config._attn_implementation = "sdpa"
     model.save_pretrained(out)
     (build_dir / "train_history.json").write_text(json.dumps(
         {"config": asdict(cfg), "switched_at": switched_at, "history": history}, indent=0))

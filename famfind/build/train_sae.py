@@ -75,8 +75,8 @@ def train_sae(build_dir: Path, cfg: SAETrainConfig = SAETrainConfig(), log=print
     W_enc = torch.nn.Parameter(W_dec.detach().T.clone())
     b_enc = torch.nn.Parameter(torch.zeros(d_sae))
     b_dec = torch.nn.Parameter(X[:100_000].mean(0).clone())
-    params = [W_enc, W_dec, b_enc, b_dec]
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    sae = SAE(W_enc, W_dec, b_enc, b_dec, hook_name=HOOK, model_name="../model")  # trains in place
+    opt = torch.optim.Adam([W_enc, W_dec, b_enc, b_dec], lr=cfg.lr)
     l1 = cfg.l1_init
     g = torch.Generator().manual_seed(cfg.seed)
     last_fired = torch.zeros(d_sae, dtype=torch.long)
@@ -87,8 +87,8 @@ def train_sae(build_dir: Path, cfg: SAETrainConfig = SAETrainConfig(), log=print
         for grp in opt.param_groups:
             grp["lr"] = lr
         x = X[torch.randint(0, X.shape[0], (cfg.batch,), generator=g)]
-        f = torch.relu((x - b_dec) @ W_enc + b_enc)
-        x_hat = f @ W_dec + b_dec
+        f = sae.encode(x)
+        x_hat = sae.decode(f)
         mse = (x - x_hat).pow(2).sum(-1).mean()
         sparsity = f.sum(-1).mean()
         loss = mse + l1 * sparsity
@@ -107,7 +107,7 @@ def train_sae(build_dir: Path, cfg: SAETrainConfig = SAETrainConfig(), log=print
             dead = (step - last_fired) >= cfg.resample_every
             n_dead = int(dead.sum())
             if n_dead:
-                _resample(X, dead, W_enc, W_dec, b_enc, b_dec, opt, g)
+                _resample(X, dead, sae, opt, g)
                 last_fired[dead] = step
             log(f"step {step + 1}: resampled {n_dead} dead features")
         if (step + 1) % 200 == 0:
@@ -115,8 +115,6 @@ def train_sae(build_dir: Path, cfg: SAETrainConfig = SAETrainConfig(), log=print
                    "l1_coeff": round(l1, 5), "s": round(time.time() - t0)}
             history.append(rec)
             log(json.dumps(rec))
-    sae = SAE(W_enc.detach().clone(), W_dec.detach().clone(), b_enc.detach().clone(),
-              b_dec.detach().clone(), hook_name=HOOK, model_name="../model")
     out = build_dir / "sae"
     save_saelens(sae, out, {"l1_coefficient": l1, **asdict(cfg)})
     (build_dir / "sae_history.json").write_text(json.dumps({"config": asdict(cfg), "history": history}))
@@ -124,10 +122,10 @@ def train_sae(build_dir: Path, cfg: SAETrainConfig = SAETrainConfig(), log=print
 
 
 @torch.no_grad()
-def _resample(X, dead, W_enc, W_dec, b_enc, b_dec, opt, g, n_sample: int = 65536) -> None:
+def _resample(X, dead, sae: SAE, opt, g, n_sample: int = 65536) -> None:
+    W_enc, W_dec, b_enc, b_dec = sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec
     xs = X[torch.randint(0, X.shape[0], (n_sample,), generator=g)]
-    f = torch.relu((xs - b_dec) @ W_enc + b_enc)
-    err = (xs - (f @ W_dec + b_dec)).pow(2).sum(-1)
+    err = (xs - sae.decode(sae.encode(xs))).pow(2).sum(-1)
     idx = torch.multinomial(err / err.sum(), int(dead.sum()), replacement=False, generator=g)
     dirs = xs[idx] - b_dec
     dirs = dirs / dirs.norm(dim=1, keepdim=True).clamp_min(1e-8)
@@ -162,7 +160,7 @@ def save_saelens(sae: SAE, out: Path, training: dict | None = None) -> None:
     tensors = {"W_enc": sae.W_enc, "W_dec": sae.W_dec, "b_enc": sae.b_enc, "b_dec": sae.b_dec}
     if sae.threshold is not None:
         tensors["threshold"] = sae.threshold
-    save_file({k: v.contiguous().float() for k, v in tensors.items()}, str(out / "sae_weights.safetensors"))
+    save_file({k: v.detach().contiguous().float() for k, v in tensors.items()}, str(out / "sae_weights.safetensors"))
     (out / "cfg.json").write_text(json.dumps(cfg, indent=1))
 
 
