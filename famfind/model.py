@@ -87,6 +87,17 @@ class HFTokenizer:
         return self._tok.decode([int(i)])
 
 
+def ablate_heads(z: torch.Tensor, layer: int, ablate: Ablation | None) -> torch.Tensor:
+    """hook_z ``[batch, pos, n_heads, d_head]`` with the ``ablate`` heads of ``layer`` overwritten."""
+    if ablate:
+        heads = [(h, val) for (lyr, h), val in ablate.items() if lyr == layer]
+        if heads:
+            z = z.clone()
+            for h, val in heads:
+                z[:, :, h, :] = val
+    return z
+
+
 def _gelu_new(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
 
@@ -184,22 +195,12 @@ class HFGPT2Model:
             raise FamfindError(self.path, f"sequence length {T} exceeds n_ctx {self.cfg.n_ctx}")
         return self.sd["wte.weight"][tokens] + self.sd["wpe.weight"][:T]
 
-    @staticmethod
-    def _ablate(z: torch.Tensor, layer: int, ablate: Ablation | None) -> torch.Tensor:
-        if ablate:
-            heads = [(h, val) for (lyr, h), val in ablate.items() if lyr == layer]
-            if heads:
-                z = z.clone()
-                for h, val in heads:
-                    z[:, :, h, :] = val
-        return z
-
     @torch.no_grad()
     def run_hook_z(self, tokens: torch.Tensor, layer: int, ablate: Ablation | None = None) -> torch.Tensor:
         x = self._embed(tokens)
         for lyr in range(layer + 1):
             z, _ = self._attn(x, lyr, False)
-            z = self._ablate(z, lyr, ablate)
+            z = ablate_heads(z, lyr, ablate)
             if lyr == layer:
                 return z
             x = x + self._attn_out(z, lyr)
@@ -281,7 +282,7 @@ class TLModel:
         hooks = []
         for lyr in range(layer + 1):
             def fn(z, hook, lyr=lyr):
-                z = HFGPT2Model._ablate(z, lyr, ablate)
+                z = ablate_heads(z, lyr, ablate)
                 if lyr == layer:
                     store["z"] = z
                 return z
