@@ -9,7 +9,8 @@ Core tables (schema also in README.md):
 - ``features``: scan_id, feature, fire_count, density, mean_act, max_act, dead;
 - ``heads``: scan_id, layer, head, metric, score;
 - ``detections``: scan_id, detector, feature, score, passed, evidence (JSON);
-- ``families``: scan_id, family, feature, confidence, detector;
+- ``families``: scan_id, family, feature, confidence, detector, is_primary (the feature's
+  highest-confidence family; ties go to the family named first alphabetically);
 - ``validation``: scan_id, family, selected, passed, control, control_passed,
   ablation_tested, ablation_off;
 - ``examples``: scan_id, feature, rank, seq, pos, act, context (active token in ``[[ ]]``);
@@ -50,7 +51,8 @@ CREATE TABLE IF NOT EXISTS heads (scan_id INTEGER, layer INTEGER, head INTEGER, 
 CREATE TABLE IF NOT EXISTS detections (scan_id INTEGER, detector VARCHAR, feature INTEGER, score DOUBLE,
   passed BOOLEAN, evidence JSON);
 CREATE TABLE IF NOT EXISTS families (scan_id INTEGER, family VARCHAR, feature INTEGER, confidence DOUBLE,
-  detector VARCHAR);
+  detector VARCHAR, is_primary BOOLEAN);
+ALTER TABLE families ADD COLUMN IF NOT EXISTS is_primary BOOLEAN;
 CREATE TABLE IF NOT EXISTS validation (scan_id INTEGER, family VARCHAR, selected INTEGER, passed INTEGER,
   control INTEGER, control_passed INTEGER, ablation_tested INTEGER, ablation_off INTEGER);
 CREATE TABLE IF NOT EXISTS examples (scan_id INTEGER, feature INTEGER, rank INTEGER, seq INTEGER, pos INTEGER,
@@ -127,8 +129,21 @@ def scan_frames(result) -> dict[str, pl.DataFrame]:
     frames["detections"] = pl.DataFrame(dets, schema={"detector": pl.Utf8, "feature": pl.Int32,
                                                       "score": pl.Float64, "passed": pl.Boolean,
                                                       "evidence": pl.Utf8})
+    best: dict[int, tuple[float, str]] = {}
+    for r in fams:
+        key = (-r["confidence"], r["family"])
+        if r["feature"] not in best or key < best[r["feature"]]:
+            best[r["feature"]] = key
+    for r in fams:
+        r["is_primary"] = best[r["feature"]] == (-r["confidence"], r["family"])
+    seen: set[int] = set()
+    for r in fams:  # one primary per feature even if a family lists it twice
+        if r["is_primary"]:
+            r["is_primary"] = r["feature"] not in seen
+            seen.add(r["feature"])
     frames["families"] = pl.DataFrame(fams, schema={"family": pl.Utf8, "feature": pl.Int32,
-                                                    "confidence": pl.Float64, "detector": pl.Utf8})
+                                                    "confidence": pl.Float64, "detector": pl.Utf8,
+                                                    "is_primary": pl.Boolean})
     vcols = ["family", "selected", "passed", "control", "control_passed", "ablation_tested", "ablation_off"]
     frames["validation"] = pl.DataFrame([{c: r.get(c) for c in vcols} for r in vals.values()],
                                         schema={c: (pl.Utf8 if c == "family" else pl.Int32) for c in vcols})

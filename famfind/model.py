@@ -65,6 +65,17 @@ class AttnModel(Protocol):
         """``blocks.{L}.attn.hook_pattern`` per layer, ``[batch, n_heads, query_pos, key_pos]``."""
         ...
 
+    def attn_parts(self, tokens: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(hook_pattern [batch, n_heads, query_pos, key_pos], hook_v [batch, pos, n_heads,
+        d_head])`` of ``layer``; ``hook_z[b, q, h] = sum_k pattern[b, h, q, k] * v[b, k, h]``."""
+        ...
+
+    def normalized_resid(self, tokens: torch.Tensor, layer: int) -> torch.Tensor:
+        """The residual stream entering ``layer``'s attention after its LayerNorm
+        (``blocks.{L}.ln1.hook_normalized``), ``[batch, pos, d_model]``; multiplied by
+        ``W_V[h] @ W_O[h]`` it gives head h's OV output (value bias left out)."""
+        ...
+
 
 class HFTokenizer:
     """``tokenizers`` tokenizer from ``tokenizer.json`` (no transformers import needed)."""
@@ -218,6 +229,32 @@ class HFGPT2Model:
             x = x + self._mlp(x, lyr)
         return out
 
+    def _resid_pre(self, tokens: torch.Tensor, layer: int) -> torch.Tensor:
+        if not 0 <= layer < self.cfg.n_layers:
+            raise FamfindError(self.path, f"layer {layer} out of range (n_layers={self.cfg.n_layers})")
+        x = self._embed(tokens)
+        for lyr in range(layer):
+            z, _ = self._attn(x, lyr, False)
+            x = x + self._attn_out(z, lyr)
+            x = x + self._mlp(x, lyr)
+        return x
+
+    @torch.no_grad()
+    def attn_parts(self, tokens: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T = tokens.shape
+        H, dh = self.cfg.n_heads, self.cfg.d_head
+        x = self._resid_pre(tokens, layer)
+        qkv = self._ln(x, f"h.{layer}.ln_1") @ self.sd[f"h.{layer}.attn.c_attn.weight"] \
+            + self.sd[f"h.{layer}.attn.c_attn.bias"]
+        q, k, v = (t.view(B, T, H, dh) for t in qkv.split(self.cfg.d_model, dim=-1))
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(dh)
+        mask = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
+        return scores.masked_fill(~mask, float("-inf")).softmax(-1), v
+
+    @torch.no_grad()
+    def normalized_resid(self, tokens: torch.Tensor, layer: int) -> torch.Tensor:
+        return self._ln(self._resid_pre(tokens, layer), f"h.{layer}.ln_1")
+
     @torch.no_grad()
     def logits(self, tokens: torch.Tensor, hook_z_fn=None, layer: int | None = None) -> torch.Tensor:
         """Full forward, ``[batch, pos, d_vocab]``; ``hook_z_fn(z)`` may replace hook_z at ``layer``."""
@@ -296,6 +333,18 @@ class TLModel:
         _, cache = self.tl.run_with_cache(tokens, names_filter=lambda n: n in names,
                                           stop_at_layer=max(layers) + 1)
         return {lyr: cache[f"blocks.{lyr}.attn.hook_pattern"] for lyr in layers}
+
+    @torch.no_grad()
+    def attn_parts(self, tokens: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        names = (f"blocks.{layer}.attn.hook_pattern", f"blocks.{layer}.attn.hook_v")
+        _, cache = self.tl.run_with_cache(tokens, names_filter=lambda n: n in names, stop_at_layer=layer + 1)
+        return cache[names[0]], cache[names[1]]
+
+    @torch.no_grad()
+    def normalized_resid(self, tokens: torch.Tensor, layer: int) -> torch.Tensor:
+        name = f"blocks.{layer}.ln1.hook_normalized"
+        _, cache = self.tl.run_with_cache(tokens, names_filter=lambda n: n == name, stop_at_layer=layer + 1)
+        return cache[name]
 
 
 class _TLTokenizer:

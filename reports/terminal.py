@@ -2,7 +2,8 @@
 
 Shows the scan summary, the head roles, each family's validation row (the paper's
 induction table, with gelu-2l's published numbers for comparison), family coverage of
-live features, the top family members, and any detector that failed.
+live features (with each feature's primary family), the head-loading clusters with how many
+of their features a family explains, the top family members, and any detector that failed.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def render(con, scan_id: int, console: Console, top: int = 10) -> None:
     heads = _q(con, "SELECT layer, head, metric, score FROM heads WHERE scan_id = ? ORDER BY layer, head", scan_id)
     if heads:
         metrics = sorted({m for _, _, m, _ in heads})
-        t = Table(title="Head roles (mean attention on repeated random tokens)")
+        t = Table(title="Head roles (induction / duplicate / previous token: mean attention on repeated random "
+                        "tokens; successor, name mover, long prefix: see `famfind heuristics list`)")
         t.add_column("head")
         for m in metrics:
             t.add_column(m, justify="right")
@@ -72,14 +74,38 @@ def render(con, scan_id: int, console: Console, top: int = 10) -> None:
     fams = _q(con, "SELECT family, count(DISTINCT feature) FROM families WHERE scan_id = ? GROUP BY family "
                    "ORDER BY 2 DESC", scan_id)
     covered = _q(con, "SELECT count(DISTINCT feature) FROM families WHERE scan_id = ?", scan_id)[0][0]
-    t = Table(title=f"Family coverage of {live:,} live features")
+    primary = dict(_q(con, "SELECT family, count(*) FROM families WHERE scan_id = ? AND is_primary GROUP BY 1",
+                      scan_id))
+    t = Table(title=f"Family coverage of {live:,} live features (paper: induction ~5% of live features in gelu-2l)")
     t.add_column("family")
     t.add_column("features", justify="right")
     t.add_column("share of live", justify="right")
+    t.add_column("primary family of", justify="right")
     for fam, n in fams:
-        t.add_row(fam, str(n), f"{n / max(live, 1):.1%}")
-    t.add_row("[dim](no family)[/]", str(live - covered), f"{(live - covered) / max(live, 1):.1%}")
+        t.add_row(fam, str(n), f"{n / max(live, 1):.1%}", str(primary.get(fam, 0)))
+    t.add_row("[dim](no family)[/]", str(live - covered), f"{(live - covered) / max(live, 1):.1%}", "-")
     console.print(t)
+
+    if _has_table(con, "clusters") and _q(con, "SELECT count(*) FROM clusters WHERE scan_id = ?", scan_id)[0][0]:
+        summ = _q(con, "SELECT summary FROM detector_runs WHERE scan_id = ? AND detector = 'clusters'", scan_id)
+        sm = json.loads(summ[0][0]) if summ and summ[0][0] else {}
+        rows = _q(con, """
+            SELECT c.cluster, count(*) AS size, any_value(z.top_head), any_value(z.top_head_loading),
+                   count(*) FILTER (WHERE p.family IS NOT NULL) AS explained,
+                   mode(p.family) AS top_family
+            FROM clusters c
+            JOIN cluster_sizes z ON z.scan_id = c.scan_id AND z.cluster = c.cluster
+            LEFT JOIN families p ON p.scan_id = c.scan_id AND p.feature = c.feature AND p.is_primary
+            WHERE c.scan_id = ? GROUP BY c.cluster ORDER BY size DESC""", scan_id)
+        sil = sm.get("silhouette")
+        t = Table(title=f"Head-loading clusters: k = {sm.get('k')} by silhouette "
+                        f"({sil:.3f}); size ~ rank^-alpha, alpha = {sm.get('power_law_alpha', float('nan')):.2f} "
+                        f"(r2 {sm.get('power_law_r2', float('nan')):.2f})" if sil is not None else "Head-loading clusters")
+        for c in ("cluster", "size", "top head", "loading", "in a family", "main family", "unexplained"):
+            t.add_column(c, justify="left" if c in ("top head", "main family") else "right")
+        for cl, size, head, load, expl, fam in rows:
+            t.add_row(str(cl), str(size), head, f"{load:.2f}", str(expl), fam or "-", str(size - expl))
+        console.print(t)
 
     members = _q(con, """
         SELECT f.family, f.feature, f.confidence, l.token_str, ft.density

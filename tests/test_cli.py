@@ -46,7 +46,8 @@ def test_scan_report_sql_roundtrip(runner, planted_paths, tmp_path, seq64):
     r = runner.invoke(app, scan_args(planted_paths, db, "--config", seq64))
     assert r.exit_code == 0, r.output
     assert "Family validation" in r.stdout and "induction" in r.stdout
-    r = runner.invoke(app, ["sql", "SELECT family, selected, passed FROM validation", "--db", str(db), "--json"])
+    r = runner.invoke(app, ["sql", "SELECT family, selected, passed FROM validation WHERE family = 'induction'",
+                            "--db", str(db), "--json"])
     assert r.exit_code == 0
     rows = json.loads(r.stdout)
     assert rows[0]["family"] == "induction" and rows[0]["selected"] == 40

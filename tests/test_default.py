@@ -78,9 +78,20 @@ def test_scan_runs_end_to_end_and_reports_what_it_finds(tmp_path):
     from famfind.db import write_scan
     from famfind.scan import ScanConfig, run_scan
 
+    import duckdb
+
     res = run_scan(ScanConfig(max_tokens=200_000))
     assert all(r.status == "ok" for r in res.runs), [(r.id, r.error) for r in res.runs]
+    assert len(res.runs) >= 19  # every built-in detector
     assert write_scan(tmp_path / "d.duckdb", res) == 1
+    con = duckdb.connect(str(tmp_path / "d.duckdb"), read_only=True)
+    fams = {r[0] for r in con.execute("SELECT family FROM validation").fetchall()}
+    assert fams == {"induction", "successor", "name_mover", "previous_token", "duplicate_token",
+                    "long_prefix_induction", "local_context", "high_level_context"}
+    for t in ("heads", "head_attribution", "feature_logits", "dfa_head", "dfa_source", "head_successor",
+              "head_prefix_curve", "context_runs", "clusters", "cluster_sizes", "cluster_sweep", "examples"):
+        assert con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] > 0, t
+    con.close()
     beh = res.ctx.results["induction_behaviour"].data
     assert int((beh["n_sequences"] > 0).sum()) > 100  # the behaviour test reached many features
     assert res.ctx.stats.n_tokens == 200_000 // 128 * 128

@@ -42,3 +42,17 @@ def test_weights_hook_z_and_patterns_agree(pair, planted_paths):
     torch.testing.assert_close(ours.run_hook_z(x, 1, abl), theirs.run_hook_z(x, 1, abl), atol=1e-4, rtol=1e-4)
     p1, p2 = ours.patterns(x, [0, 1]), theirs.patterns(x, [0, 1])
     torch.testing.assert_close(p1[1], p2[1], atol=1e-4, rtol=1e-4)
+
+
+def test_attn_parts_and_normalized_resid_agree(pair, planted_paths):
+    """The DFA inputs (hook_pattern, hook_v) and the OV-circuit input (ln1 output) match."""
+    ours, theirs = pair
+    x = torch.from_numpy(np.load(planted_paths["corpus"]).astype(np.int64)[:128]).view(2, 64)
+    for lyr in range(2):
+        (pa, va), (pb, vb) = ours.attn_parts(x, lyr), theirs.attn_parts(x, lyr)
+        torch.testing.assert_close(pa, pb, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(va, vb, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.einsum("bhqk,bkhd->bqhd", pa, va), ours.run_hook_z(x, lyr),
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.normalized_resid(x, lyr), theirs.normalized_resid(x, lyr),
+                                   atol=1e-4, rtol=1e-4)

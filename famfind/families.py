@@ -1,0 +1,122 @@
+"""Shared machinery of the feature families: selection by head attribution, a random
+control group, and the rows a family detector returns (public: plugins may use it).
+
+The shape follows Kissane et al. (2024)'s automated induction analysis: *selected* features
+have >= ``selection_threshold`` head attribution on one head of the role; *control*
+features are a random sample (``control_size``, all if fewer) of live features with less
+than ``control_max_attribution`` attribution to all heads of the role; both groups get the
+same behavioural test; the family is the selected features that pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from famfind.plugins import Detection, FamilyMember, Result, Validation
+
+
+@dataclass(frozen=True)
+class Groups:
+    """``selected``/``control`` bool ``[d_sae]``; ``role_attribution [d_sae]`` = the largest
+    attribution to one role head (``0`` when there are no role heads)."""
+
+    selected: torch.Tensor
+    control: torch.Tensor
+    role_attribution: torch.Tensor
+
+
+def attribution_groups(attribution: torch.Tensor, heads: list[int], live: torch.Tensor,
+                       selection_threshold: float, control_max_attribution: float, control_size: int,
+                       generator: torch.Generator) -> Groups:
+    """Selected and control features for the role heads ``heads`` (indices in the SAE's layer).
+
+    ``attribution [d_sae, n_heads]`` (rows sum to 1), ``live`` bool ``[d_sae]``.
+    """
+    if heads:
+        on = attribution[:, heads]
+        best, total = on.max(1).values, on.sum(1)
+    else:
+        best = total = torch.zeros(attribution.shape[0])
+    selected = live & (best >= selection_threshold) if heads else torch.zeros_like(live)
+    return Groups(selected, random_control(live & (total < control_max_attribution), control_size, generator), best)
+
+
+def random_control(pool: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """A random sample of ``size`` features (all if fewer) from bool ``pool [d_sae]``."""
+    idx = torch.nonzero(pool).flatten()
+    pick = idx[torch.randperm(idx.numel(), generator=generator)[:size]]
+    out = torch.zeros_like(pool)
+    out[pick] = True
+    return out
+
+
+def family_result(family: str, groups: Groups, score: torch.Tensor, passed: torch.Tensor,
+                  evidence: dict[str, torch.Tensor] | None = None, summary: dict | None = None,
+                  data: dict | None = None) -> Result:
+    """Detections for the selected and control features, family members (selected and
+    passed, confidence = ``score``), and the family's validation row.
+
+    ``score [d_sae]`` (float, e.g. a pass rate), ``passed`` bool ``[d_sae]``, ``evidence``:
+    per-feature tensors ``[d_sae]`` copied into each detection's evidence.
+    """
+    evidence = evidence or {}
+    dets, fams = [], []
+    for group, mask in (("selected", groups.selected), ("control", groups.control)):
+        for f in torch.nonzero(mask).flatten().tolist():
+            ev = {"group": group, "role_attribution": round(float(groups.role_attribution[f]), 4)}
+            ev.update({k: (round(float(v[f]), 4) if v.is_floating_point() else int(v[f])) for k, v in evidence.items()})
+            dets.append(Detection(f, float(score[f]), bool(passed[f]) and group == "selected", ev))
+            if group == "selected" and passed[f]:
+                fams.append(FamilyMember(family, f, float(score[f])))
+    sel, ctl = groups.selected, groups.control
+    val = Validation(family, int(sel.sum()), int((sel & passed).sum()), int(ctl.sum()), int((ctl & passed).sum()))
+    s = {"selected": val.selected, "passed": val.passed, "control": val.control,
+         "control_passed": val.control_passed}
+    s.update(summary or {})
+    d = {"selected": sel, "control": ctl, "family": sel & passed, "score": score, "passed": passed}
+    d.update(data or {})
+    return Result(detections=dets, families=fams, validation=[val], summary=s, data=d)
+
+
+def role_heads(scores: torch.Tensor, threshold: float) -> list[int]:
+    """Heads (indices) whose score ``[n_heads]`` reaches ``threshold``."""
+    return [h for h in range(scores.numel()) if float(scores[h]) >= threshold]
+
+
+def mode_per_feature(feature: torch.Tensor, key: torch.Tensor, d_sae: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Most common ``key`` per feature over pairs ``(feature [n], key [n])`` (ties: the
+    smallest key). Returns ``(mode [d_sae], count [d_sae])``; features without pairs get
+    ``mode = -1``, ``count = 0``. Memory O(n), whatever the key range."""
+    mode = torch.full((d_sae,), -1, dtype=torch.long)
+    best = torch.zeros(d_sae, dtype=torch.long)
+    if feature.numel() == 0:
+        return mode, best
+    pairs, cnt = torch.unique(torch.stack([feature.long(), key.long()], 1), dim=0, return_counts=True)
+    best.scatter_reduce_(0, pairs[:, 0], cnt, reduce="amax")
+    is_best = cnt == best[pairs[:, 0]]
+    f_best, k_best = pairs[is_best, 0], pairs[is_best, 1]
+    lead = torch.ones(f_best.numel(), dtype=torch.bool)
+    lead[1:] = f_best[1:] != f_best[:-1]
+    mode[f_best[lead]] = k_best[lead]
+    return mode, best
+
+
+def encode_last(model, sae, tokens: torch.Tensor, layer: int, batch_size: int = 64, device="cpu") -> torch.Tensor:
+    """SAE activations at the last position of each prompt, ``[n, d_sae]`` (CPU)."""
+    out = []
+    for s in range(0, tokens.shape[0], batch_size):
+        z = model.run_hook_z(tokens[s:s + batch_size].to(device), layer)
+        out.append(sae.encode(z[:, -1].flatten(-2)).cpu())
+    return torch.cat(out) if out else torch.zeros(0, sae.d_sae)
+
+
+def encode_all(model, sae, tokens: torch.Tensor, layer: int, features: torch.Tensor, batch_size: int = 64,
+               device="cpu") -> torch.Tensor:
+    """SAE activations of ``features`` at every position, ``[n, pos, len(features)]`` (CPU)."""
+    out = []
+    for s in range(0, tokens.shape[0], batch_size):
+        z = model.run_hook_z(tokens[s:s + batch_size].to(device), layer)
+        out.append(sae.encode(z.flatten(-2))[..., features.to(device)].cpu())
+    return torch.cat(out) if out else torch.zeros(0, tokens.shape[1], features.numel())

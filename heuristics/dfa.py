@@ -1,0 +1,141 @@
+"""Direct feature attribution (DFA), the evidence layer several families use
+(Kissane et al. 2024, §3; the seed post's footnote 3; see :mod:`famfind.dfa` for the maths).
+
+- ``dfa_head``: per feature, the fraction of its DFA variance each head explains, over every
+  position where it fires in the first ``max_tokens`` corpus positions (streamed during the
+  activation pass);
+  table ``dfa_head`` (feature, layer, head, share).
+- ``dfa_source``: for each live feature's top-activating examples, the source positions
+  (summed over heads) that carry its pre-activation; table ``dfa_source`` (top
+  ``n_sources`` sources per example: offset = dest - src, token, contribution, share of
+  the heads' part of the pre-activation) and per-feature consistency (``data``): how often
+  the top source is the same token / the same offset across examples, and how often it is
+the firing position itself (``self_fraction``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import torch
+
+from famfind.dfa import HeadDFAAccumulator, dfa_by_source
+from famfind.families import mode_per_feature
+from famfind.plugins import Heuristic, Options, Result
+
+
+@dataclass(frozen=True)
+class DFAHeadOptions(Options):
+    max_tokens: int = 262144  # corpus positions used (the first ones); 0 = all. The shares
+    # converge long before 1M tokens and the gather costs ~0.6x the SAE encode per batch.
+
+
+class DFAHead(Heuristic):
+    id = "dfa_head"
+    version = "0.1"
+    needs = "activations"
+    description = "Per feature, each head's share of DFA variance where it fires (Kissane et al. 2024)"
+    Options = DFAHeadOptions
+
+    def start(self, ctx) -> None:
+        self.seen = 0
+        self.acc = HeadDFAAccumulator(ctx.sae.d_sae, ctx.model.cfg.n_heads, ctx.config.device)
+        self.b_dec = ctx.sae.b_dec if ctx.sae.apply_b_dec_to_input else None
+        self.W_enc_T = ctx.sae.W_enc.T.contiguous()  # [d_sae, d_in]: row gathers are cheap
+
+    def observe(self, batch, ctx) -> None:
+        if self.options.max_tokens and self.seen >= self.options.max_tokens:
+            return
+        self.acc.update(batch.z, batch.acts, self.W_enc_T, self.b_dec)
+        self.seen += batch.tokens.numel()
+
+    def run(self, ctx) -> Result:
+        share = self.acc.share()  # [d_sae, n_heads]
+        live = torch.nonzero(~ctx.stats.dead).flatten().numpy()
+        H = share.shape[1]
+        df = pl.DataFrame({
+            "feature": np.repeat(live, H).astype(np.int32),
+            "layer": np.full(live.size * H, ctx.layer, dtype=np.int32),
+            "head": np.tile(np.arange(H), live.size).astype(np.int32),
+            "share": share[live].reshape(-1).numpy().astype(np.float32),
+        })
+        return Result(tables={"dfa_head": df}, data={"share": share}, summary={"tokens": self.seen})
+
+
+@dataclass(frozen=True)
+class DFASourceOptions(Options):
+    n_examples: int = 5  # top-activating examples per live feature
+    n_sources: int = 3  # sources stored per example
+    batch_size: int = 32  # sequences per model run
+
+
+class DFASource(Heuristic):
+    id = "dfa_source"
+    version = "0.1"
+    needs = "activations"
+    description = "DFA by source position on each feature's top-activating examples"
+    Options = DFASourceOptions
+
+    def run(self, ctx) -> Result:
+        o, st, sae = self.options, ctx.stats, ctx.sae
+        F = sae.d_sae
+        k = min(o.n_examples, st.top_seq.shape[0])
+        seq, pos = st.top_seq[:k], st.top_pos[:k]  # [k, d_sae]
+        rank, feat = torch.nonzero(seq >= 0, as_tuple=True)
+        ex_seq, ex_pos = seq[rank, feat], pos[rank, feat]
+        order = torch.argsort(ex_seq, stable=True)
+        rank, feat, ex_seq, ex_pos = rank[order], feat[order], ex_seq[order], ex_pos[order]
+        b_dec = sae.b_dec if sae.apply_b_dec_to_input else None
+        uniq, counts = torch.unique_consecutive(ex_seq, return_counts=True)
+        bounds = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+        n, ns = ex_seq.numel(), o.n_sources
+        top_src = torch.zeros(n, ns, dtype=torch.long)
+        top_val = torch.zeros(n, ns)
+        total = torch.zeros(n)
+        tokens = ctx.corpus.tokens
+        dev = ctx.config.device
+        for b in range(0, uniq.numel(), o.batch_size):
+            ids = uniq[b:b + o.batch_size]
+            pat, v = ctx.model.attn_parts(tokens[ids].to(dev), ctx.layer)
+            for j in range(ids.numel()):
+                lo, hi = int(bounds[b + j]), int(bounds[b + j + 1])
+                c = dfa_by_source(pat[j], v[j], sae.W_enc, b_dec, feat[lo:hi].to(dev), ex_pos[lo:hi].to(dev))
+                s = c.sum(1).cpu()  # [n, src]
+                total[lo:hi] = s.sum(-1)
+                kk = min(ns, s.shape[1])
+                tv, ti = s.topk(kk, dim=-1)
+                top_val[lo:hi, :kk], top_src[lo:hi, :kk] = tv, ti
+        src_tok = tokens[ex_seq[:, None], top_src]  # [n, n_sources]
+        offset = ex_pos[:, None] - top_src
+        share = top_val / total.clamp_min(1e-9)[:, None]
+        tok = ctx.model.tokenizer
+        strs = {int(t): tok.token_str(int(t)) if tok is not None else str(int(t)) for t in src_tok.unique()}
+        flat_tok = src_tok.reshape(-1).numpy()
+        df = pl.DataFrame({
+            "feature": feat.repeat_interleave(ns).numpy().astype(np.int32),
+            "example_rank": rank.repeat_interleave(ns).numpy().astype(np.int32),
+            "seq": ex_seq.repeat_interleave(ns).numpy().astype(np.int32),
+            "pos": ex_pos.repeat_interleave(ns).numpy().astype(np.int32),
+            "source_rank": np.tile(np.arange(ns), n).astype(np.int32),
+            "src_pos": top_src.reshape(-1).numpy().astype(np.int32),
+            "offset": offset.reshape(-1).numpy().astype(np.int32),
+            "token": flat_tok.astype(np.int32),
+            "token_str": [strs[int(t)] for t in flat_tok],
+            "contribution": top_val.reshape(-1).numpy().astype(np.float32),
+            "share": share.reshape(-1).numpy().astype(np.float32),
+        })
+        # per-feature consistency of the top source across its examples
+        n_ex = torch.bincount(feat, minlength=F)
+        share_mean = torch.zeros(F).index_add_(0, feat, share[:, 0]) / n_ex.clamp_min(1)
+        mode_tok, n_tok = mode_per_feature(feat, src_tok[:, 0], F)
+        mode_off, n_off = mode_per_feature(feat, offset[:, 0], F)
+        self_frac = torch.zeros(F).index_add_(0, feat, (offset[:, 0] == 0).float()) / n_ex.clamp_min(1)
+        tok_cons = n_tok.float() / n_ex.clamp_min(1)
+        off_cons = n_off.float() / n_ex.clamp_min(1)
+        return Result(tables={"dfa_source": df},
+                      data={"n_examples": n_ex, "top_share_mean": share_mean,
+                            "token_consistency": tok_cons, "offset_consistency": off_cons,
+                            "mode_token": mode_tok, "mode_offset": mode_off, "self_fraction": self_frac},
+                      summary={"examples": n, "sequences": int(uniq.numel())})

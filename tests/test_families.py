@@ -1,0 +1,199 @@
+"""The detector suite recovers every family planted by construction (tests/planted_families.py),
+DFA is exact, run statistics match a plain loop, and clustering recovers planted clusters."""
+
+from __future__ import annotations
+
+import json
+
+import duckdb
+import numpy as np
+import pytest
+import torch
+
+import planted_families as pf
+
+TRUTH = {
+    "successor": pf.F_SUCC, "name_mover": pf.F_NM, "previous_token": pf.F_PREV,
+    "duplicate_token": pf.F_DUP, "long_prefix_induction": pf.F_LONG,
+    "local_context": pf.F_LOCAL, "high_level_context": pf.F_HIGH,
+}
+DETECTOR = {"successor": "successor_features", "name_mover": "name_mover_features",
+            "previous_token": "previous_token_features", "duplicate_token": "duplicate_token_features",
+            "long_prefix_induction": "long_prefix_features"}
+
+
+@pytest.fixture(scope="session")
+def families_scan(tmp_path_factory):
+    from famfind.db import write_scan
+    from famfind.scan import ScanConfig, run_scan
+
+    paths = pf.build_all(tmp_path_factory.mktemp("planted_families"))
+    # smaller synthetic samples than the defaults, to keep CI fast on 2 cores
+    opts = {"long_prefix_features": {"control_size": 40, "n_seqs": 8, "filler": 10},
+            "long_prefix_heads": {"n_seqs": 32, "filler": 10},
+            "induction_ablation": {"n_sequences": 128},
+            "previous_token_features": {"control_size": 60, "n_prompts": 12},
+            "duplicate_token_features": {"control_size": 60, "n_prompts": 12},
+            "name_mover_heads": {"n_per_template": 8}}
+    result = run_scan(ScanConfig(sae=str(paths["sae"]), corpus=str(paths["corpus"]), seq_len=64,
+                                 detector_options=opts))
+    db = tmp_path_factory.mktemp("db") / "families.duckdb"
+    return result, db, write_scan(db, result)
+
+
+def _members(result, family):
+    return {m.feature for r in result.ctx.results.values() for m in r.families if m.family == family}
+
+
+def test_every_detector_ran(families_scan):
+    result, _, _ = families_scan
+    bad = [(r.id, r.status, r.error) for r in result.runs if r.status != "ok"]
+    assert not bad
+
+
+def test_head_roles_of_the_wired_heads(families_scan):
+    res = families_scan[0].ctx.results
+    assert res["successor_heads"].data["heads"] == [0]
+    assert res["name_mover_heads"].data["heads"] == [1]
+    assert res["long_prefix_heads"].data["heads"] == [4]
+    assert res["head_roles"].data["induction_heads"] == [4, 5]
+    curve = res["long_prefix_heads"].data["curve"]  # [prefix_len, n_heads]
+    assert curve[0, 4] < 0.5 < curve[4:, 4].min()  # 2.4 needs a long prefix
+    assert curve[0, 5] > 0.5  # 2.5 does not
+    s = res["head_roles"].data["scores"]
+    assert s["previous_token"][2].argmax() == 2 and s["duplicate_token"][2].argmax() == 3
+
+
+@pytest.mark.parametrize("family", sorted(TRUTH))
+def test_family_precision_recall_and_control(families_scan, family):
+    result, _, _ = families_scan
+    truth, found = set(TRUTH[family]), _members(result, family)
+    tp = len(found & truth)
+    precision, recall = tp / max(len(found), 1), tp / len(truth)
+    assert precision >= 0.95 and recall >= 0.95, (family, sorted(found))
+    det = DETECTOR.get(family, "context_features")
+    data = result.ctx.results[det].data
+    data = data.get(family, data)
+    ctl = data["control"]
+    assert ctl.sum() > 0
+    assert (ctl & data["passed"]).float().sum() / ctl.sum() <= 0.05
+
+
+@pytest.mark.parametrize("family,decoys", [("successor", pf.F_SUCC_DECOY), ("name_mover", pf.F_NM_DECOY),
+                                           ("previous_token", pf.F_PREV_DECOY),
+                                           ("duplicate_token", pf.F_DUP_DECOY)])
+def test_decoys_are_selected_but_fail_behaviour(families_scan, family, decoys):
+    data = families_scan[0].ctx.results[DETECTOR[family]].data
+    assert data["selected"][decoys].all() and not data["family"][decoys].any()
+
+
+def test_dfa_by_head_reads_the_encoder_side(families_scan):
+    res = families_scan[0].ctx.results
+    share = res["dfa_head"].data["share"]
+    att = res["head_attribution"].data["attribution"]
+    assert torch.allclose(share[pf.F_SUCC, 0], torch.ones(len(pf.F_SUCC)), atol=1e-3)
+    # decoys: decoder (attribution) on the successor head, encoder (DFA) on head 2.6
+    assert (att[pf.F_SUCC_DECOY, 0] > 0.99).all() and (share[pf.F_SUCC_DECOY, 6] > 0.99).all()
+
+
+def test_dfa_by_source_finds_the_attended_token(families_scan):
+    d = families_scan[0].ctx.results["dfa_source"].data
+    assert (d["mode_offset"][pf.F_PREV] == 1).all()
+    assert d["mode_token"][pf.F_LOCAL].tolist() == pf.OPENERS
+    assert (d["top_share_mean"][pf.F_HIGH] < 0.5).all()
+
+
+def test_dfa_sums_to_the_pre_activation():
+    from famfind.dfa import dfa_by_head_at, dfa_by_source
+
+    g = torch.Generator().manual_seed(0)
+    B, T, H, dh, F = 2, 7, 3, 4, 5
+    z = torch.randn(B, T, H, dh, generator=g)
+    W_enc, b_enc, b_dec = torch.randn(H * dh, F, generator=g), torch.randn(F, generator=g), torch.randn(H * dh, generator=g)
+    pre = (z.flatten(-2) - b_dec) @ W_enc + b_enc
+    row, feat, dfa = dfa_by_head_at(z, pre.relu(), W_enc.T.contiguous(), b_dec)
+    assert torch.allclose(dfa.sum(-1) + b_enc[feat], pre.reshape(-1, F)[row, feat], atol=1e-5)
+    pat = torch.rand(H, T, T, generator=g).tril()
+    pat = pat / pat.sum(-1, keepdim=True)
+    v = torch.randn(T, H, dh, generator=g)
+    z0 = torch.einsum("hqk,khd->qhd", pat, v)
+    c = dfa_by_source(pat, v, W_enc, b_dec, torch.tensor([1, 4]), torch.tensor([6, 3]))
+    want = (z0.flatten(-2) - b_dec) @ W_enc
+    assert torch.allclose(c.sum((1, 2)), torch.stack([want[6, 1], want[3, 4]]), atol=1e-5)
+
+
+def test_run_stats_match_a_plain_loop():
+    from heuristics.context import run_stats
+
+    g = torch.Generator().manual_seed(1)
+    B, T, F = 3, 20, 4
+    acts = (torch.rand(B, T, F, generator=g) > 0.5).float()
+    delim = torch.rand(B, T, generator=g) > 0.7
+    got = run_stats(acts, delim, long_len=4)
+    want = {k: [0] * F for k in got}
+    for b in range(B):
+        for f in range(F):
+            t = 0
+            while t < T:
+                if acts[b, t, f] > 0:
+                    s = t
+                    while t + 1 < T and acts[b, t + 1, f] > 0:
+                        t += 1
+                    n = t - s + 1
+                    want["runs"][f] += 1
+                    if t < T - 1:
+                        want["ends_inside"][f] += 1
+                        want["ends_delim"][f] += int(bool(delim[b, t + 1] or delim[b, t]))
+                    want["long_runs"][f] += int(n >= 4)
+                    want["long_positions"][f] += n * int(n >= 4)
+                t += 1
+    assert {k: v.tolist() for k, v in got.items()} == want
+
+
+def test_kmeans_recovers_planted_head_loading_clusters():
+    from sklearn.metrics import adjusted_rand_score
+
+    from heuristics.clustering import sweep_kmeans
+
+    rng = np.random.default_rng(0)
+    centres = np.eye(6)[[0, 1, 2, 3, 4]] * 0.8 + 0.2 / 6  # 5 clusters, each on one head of 6
+    centres[4] = np.array([0.45, 0.45, 0.025, 0.025, 0.025, 0.025])  # a two-head cluster
+    truth = rng.integers(0, 5, size=600)
+    X = np.abs(centres[truth] + rng.normal(0, 0.03, size=(600, 6)))
+    X /= X.sum(1, keepdims=True)
+    rows, labels, km = sweep_kmeans(X, 2, 10, seed=0, sample=5000)
+    assert km.n_clusters == 5 and len(rows) == 9
+    assert adjusted_rand_score(truth, labels) >= 0.9
+
+
+def test_power_law_fit():
+    from heuristics.clustering import power_law_fit
+
+    sizes = 1000 * np.arange(1, 21, dtype=float) ** -1.5
+    alpha, r2 = power_law_fit(sizes)
+    assert abs(alpha - 1.5) < 1e-6 and r2 > 0.999
+
+
+def test_tables_coverage_and_the_unexplained_by_cluster(families_scan):
+    from typer.testing import CliRunner
+
+    from famfind.cli import app
+
+    _, db, sid = families_scan
+    con = duckdb.connect(str(db), read_only=True)
+    prim = con.execute("SELECT feature, count(*) FROM families WHERE scan_id = ? AND is_primary GROUP BY 1 "
+                       "HAVING count(*) > 1", [sid]).fetchall()
+    n_members = con.execute("SELECT count(DISTINCT feature) FROM families WHERE scan_id = ?", [sid]).fetchone()[0]
+    n_primary = con.execute("SELECT count(*) FROM families WHERE scan_id = ? AND is_primary", [sid]).fetchone()[0]
+    for t in ("dfa_head", "dfa_source", "head_successor", "head_prefix_curve", "context_runs", "clusters",
+              "cluster_sweep", "cluster_sizes", "feature_prefix_curve"):
+        assert con.execute(f"SELECT count(*) FROM {t} WHERE scan_id = ?", [sid]).fetchone()[0] > 0, t
+    con.close()
+    assert not prim and n_primary == n_members
+    q = ("SELECT c.cluster, count(*) AS n FROM clusters c WHERE c.scan_id = (SELECT max(scan_id) FROM scans) "
+         "AND c.feature NOT IN (SELECT feature FROM families f WHERE f.scan_id = c.scan_id) GROUP BY 1 ORDER BY 1")
+    out = CliRunner().invoke(app, ["sql", q, "--db", str(db), "--json"])
+    assert out.exit_code == 0, out.output
+    rows = json.loads(out.output)
+    live = 160 - len(pf.F_DEAD)
+    assert sum(r["n"] for r in rows) == live - n_members
