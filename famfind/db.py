@@ -15,7 +15,9 @@ Core tables (schema also in README.md):
   ablation_tested, ablation_off;
 - ``examples``: scan_id, feature, rank, seq, pos, act, context (active token in ``[[ ]]``);
 
-plus each detector's extra ``tables`` (built-ins: ``head_attribution``, ``feature_logits``).
+plus each detector's extra ``tables`` (built-ins: ``head_attribution``, ``feature_logits``,
+``dfa_head``, ``dfa_source``, ``clusters``, ...), and, once a ``clusters`` table exists, the
+view ``cluster_family_crosstab`` (scan_id, cluster, family or ``(none)``, features).
 A scan is written in one transaction: a failed or interrupted write leaves no rows.
 """
 
@@ -58,6 +60,20 @@ CREATE TABLE IF NOT EXISTS validation (scan_id INTEGER, family VARCHAR, selected
 CREATE TABLE IF NOT EXISTS examples (scan_id INTEGER, feature INTEGER, rank INTEGER, seq INTEGER, pos INTEGER,
   act DOUBLE, context VARCHAR);
 """
+
+
+# clusters x families, over every scan: which clusters the families explain ("(none)" = no family)
+CROSSTAB_VIEW = """
+CREATE OR REPLACE VIEW cluster_family_crosstab AS
+SELECT c.scan_id, c.cluster, coalesce(f.family, '(none)') AS family, count(*) AS features
+FROM clusters c LEFT JOIN families f ON f.scan_id = c.scan_id AND f.feature = c.feature
+GROUP BY ALL
+"""
+
+
+def _table_exists(con, name: str) -> bool:
+    return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
+                            [name]).fetchone()[0])
 
 
 def connect(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
@@ -188,6 +204,8 @@ def write_scan(db_path: str | Path, result) -> int:
                 con.execute(f"CREATE TABLE IF NOT EXISTS {name} AS SELECT * FROM _famfind_rows LIMIT 0")
                 con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM _famfind_rows")
             con.unregister("_famfind_rows")
+        if "clusters" in frames or _table_exists(con, "clusters"):
+            con.execute(CROSSTAB_VIEW)
         con.execute("COMMIT")
         return int(scan_id)
     except BaseException as e:

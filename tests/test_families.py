@@ -188,8 +188,11 @@ def test_tables_coverage_and_the_unexplained_by_cluster(families_scan):
     for t in ("dfa_head", "dfa_source", "head_successor", "head_prefix_curve", "context_runs", "clusters",
               "cluster_sweep", "cluster_sizes", "feature_prefix_curve"):
         assert con.execute(f"SELECT count(*) FROM {t} WHERE scan_id = ?", [sid]).fetchone()[0] > 0, t
+    cross = dict(con.execute("SELECT family, sum(features) FROM cluster_family_crosstab WHERE scan_id = ? "
+                             "GROUP BY 1", [sid]).fetchall())
     con.close()
     assert not prim and n_primary == n_members
+    assert cross["successor"] == len(pf.F_SUCC) and cross["(none)"] > 0
     q = ("SELECT c.cluster, count(*) AS n FROM clusters c WHERE c.scan_id = (SELECT max(scan_id) FROM scans) "
          "AND c.feature NOT IN (SELECT feature FROM families f WHERE f.scan_id = c.scan_id) GROUP BY 1 ORDER BY 1")
     out = CliRunner().invoke(app, ["sql", q, "--db", str(db), "--json"])
