@@ -32,6 +32,9 @@ class ActivationBatch:
     acts: torch.Tensor
 
 
+HIST_EDGES = torch.logspace(-3, 3, 25)  # activation histogram bin edges (log-spaced)
+
+
 @dataclass
 class FeatureStats:
     """Per-feature statistics over the scanned corpus (all tensors on CPU).
@@ -39,7 +42,9 @@ class FeatureStats:
     ``fire_count [d_sae]`` positions with activation > 0; ``act_sum``/``act_max [d_sae]``;
     ``top_acts/top_seq/top_pos [top_k, d_sae]`` the top-activating positions (act 0 = none);
     ``mean_z [n_heads, d_head]`` mean hook_z over all positions (for mean-ablation);
-    ``l0_sum`` sum over positions of active-feature counts; ``n_tokens`` positions seen.
+    ``l0_sum`` sum over positions of active-feature counts; ``n_tokens`` positions seen;
+    ``hist [d_sae, len(HIST_EDGES) + 1]`` counts of positive activations per log-spaced bin
+    (:data:`HIST_EDGES`; first bin below 1e-3, last above 1e3).
     """
 
     fire_count: torch.Tensor
@@ -51,6 +56,7 @@ class FeatureStats:
     mean_z: torch.Tensor
     l0_sum: float
     n_tokens: int
+    hist: torch.Tensor | None = None
 
     @property
     def density(self) -> torch.Tensor:
@@ -82,6 +88,9 @@ def activation_pass(model, sae: SAE, corpus: TokenCorpus, batch_size: int = 32, 
     top_p = torch.full((top_k, F), -1, dtype=torch.long)
     zsum = None
     l0 = 0.0
+    nb = HIST_EDGES.numel() + 1
+    hist = torch.zeros(F * nb, dtype=torch.long, device=device)
+    edges = HIST_EDGES.to(device)
     for start in range(0, n_seq, batch_size):
         toks = corpus.tokens[start:start + batch_size].to(device)
         B = toks.shape[0]
@@ -93,6 +102,9 @@ def activation_pass(model, sae: SAE, corpus: TokenCorpus, batch_size: int = 32, 
         asum += flat.sum(0, dtype=torch.float64).cpu()
         amax = torch.maximum(amax, flat.max(0).values.cpu())
         l0 += active.sum().item()
+        row, col = torch.nonzero(active, as_tuple=True)  # histogram from the firing entries only
+        hist.index_add_(0, col * nb + torch.bucketize(flat[row, col], edges),
+                        torch.ones_like(col))
         zs = z.sum(dim=(0, 1), dtype=torch.float64).cpu()
         zsum = zs if zsum is None else zsum + zs
         # streaming top-k per feature: merge this batch's best with the running best
@@ -114,4 +126,4 @@ def activation_pass(model, sae: SAE, corpus: TokenCorpus, batch_size: int = 32, 
     top_s[top_a <= 0] = -1
     top_p[top_a <= 0] = -1
     return FeatureStats(fire, asum, amax, top_a, top_s, top_p,
-                        (zsum / n_tok).float(), l0, n_tok)
+                        (zsum / n_tok).float(), l0, n_tok, hist.view(F, nb).cpu())

@@ -210,10 +210,11 @@ def sql(
 def report(
     db: DbOpt = Path("famfind.duckdb"),
     scan_id: Annotated[Optional[int], typer.Option(help="Scan to report (default: the latest).")] = None,
+    html: Annotated[Optional[Path], typer.Option(help="Also write a self-contained HTML report here.")] = None,
 ):
-    """Print the terminal report of a stored scan.
+    """Print the terminal report of a stored scan (and, with --html, write the HTML one).
 
-    Example: famfind report --db famfind.duckdb --scan-id 1
+    Example: famfind report --db famfind.duckdb --scan-id 1 --html report.html
     """
     from famfind.db import connect, latest_scan_id
     from reports.terminal import render
@@ -224,6 +225,14 @@ def report(
         if not con.execute("SELECT count(*) FROM scans WHERE scan_id = ?", [sid]).fetchone()[0]:
             raise FamfindError(db, f"no scan with scan_id {sid}")
         render(con, sid, Console())
+        if html is not None:
+            from reports.html import render_html
+
+            try:
+                render_html(con, sid, html)
+            except OSError as e:
+                raise FamfindError(html, f"cannot write the HTML report ({e.strerror})") from None
+            typer.echo(f"famfind: wrote {html}", err=True)
     finally:
         con.close()
 

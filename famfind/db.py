@@ -14,6 +14,8 @@ Core tables (schema also in README.md):
 - ``validation``: scan_id, family, selected, passed, control, control_passed,
   ablation_tested, ablation_off;
 - ``examples``: scan_id, feature, rank, seq, pos, act, context (active token in ``[[ ]]``);
+- ``activation_histogram``: scan_id, feature, bin, lo, hi, count (positive activations per
+  log-spaced bin; empty bins left out);
 
 plus each detector's extra ``tables`` (built-ins: ``head_attribution``, ``feature_logits``,
 ``dfa_head``, ``dfa_source``, ``clusters``, ...), and, once a ``clusters`` table exists, the
@@ -36,7 +38,7 @@ import famfind
 from famfind.errors import FamfindError
 
 CORE_TABLES = ("scans", "detector_runs", "features", "heads", "detections", "families",
-               "validation", "examples")
+               "validation", "examples", "activation_histogram")
 TABLE_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 DEFAULT_DB = "famfind.duckdb"
 
@@ -59,6 +61,8 @@ CREATE TABLE IF NOT EXISTS validation (scan_id INTEGER, family VARCHAR, selected
   control INTEGER, control_passed INTEGER, ablation_tested INTEGER, ablation_off INTEGER);
 CREATE TABLE IF NOT EXISTS examples (scan_id INTEGER, feature INTEGER, rank INTEGER, seq INTEGER, pos INTEGER,
   act DOUBLE, context VARCHAR);
+CREATE TABLE IF NOT EXISTS activation_histogram (scan_id INTEGER, feature INTEGER, bin INTEGER, lo DOUBLE,
+  hi DOUBLE, count BIGINT);
 """
 
 
@@ -175,6 +179,14 @@ def scan_frames(result) -> dict[str, pl.DataFrame]:
                            "context": _context(tok, toks[s], p)})
     frames["examples"] = pl.DataFrame(ex, schema={"feature": pl.Int32, "rank": pl.Int32, "seq": pl.Int32,
                                                   "pos": pl.Int32, "act": pl.Float64, "context": pl.Utf8})
+    if st.hist is not None:
+        from famfind.activations import HIST_EDGES
+
+        e = [0.0] + HIST_EDGES.tolist() + [float("inf")]
+        f_idx, b_idx = np.nonzero(st.hist.numpy())
+        frames["activation_histogram"] = pl.DataFrame({
+            "feature": f_idx.astype(np.int32), "bin": b_idx.astype(np.int32),
+            "lo": np.array(e)[b_idx], "hi": np.array(e)[b_idx + 1], "count": st.hist.numpy()[f_idx, b_idx]})
     for name, dfs in extra.items():
         frames[name] = pl.concat(dfs, how="diagonal_relaxed")
     return frames

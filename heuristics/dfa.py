@@ -7,7 +7,7 @@
   table ``dfa_head`` (feature, layer, head, share).
 - ``dfa_source``: for each live feature's top-activating examples, the source positions
   (summed over heads) that carry its pre-activation; table ``dfa_source`` (top
-  ``n_sources`` sources per example: offset = dest - src, token, contribution, share of
+  ``n_sources`` sources per example: distance = dest - src, token, contribution, share of
   the heads' part of the pre-activation) and per-feature consistency (``data``): how often
   the top source is the same token / the same offset across examples, and how often it is
 the firing position itself (``self_fraction``).
@@ -120,7 +120,7 @@ class DFASource(Heuristic):
             "pos": ex_pos.repeat_interleave(ns).numpy().astype(np.int32),
             "source_rank": np.tile(np.arange(ns), n).astype(np.int32),
             "src_pos": top_src.reshape(-1).numpy().astype(np.int32),
-            "offset": offset.reshape(-1).numpy().astype(np.int32),
+            "distance": offset.reshape(-1).numpy().astype(np.int32),  # dest - src; "offset" is SQL syntax
             "token": flat_tok.astype(np.int32),
             "token_str": [strs[int(t)] for t in flat_tok],
             "contribution": top_val.reshape(-1).numpy().astype(np.float32),

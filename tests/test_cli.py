@@ -57,6 +57,10 @@ def test_scan_report_sql_roundtrip(runner, planted_paths, tmp_path, seq64):
     assert r.exit_code == 0 and "42" in r.stdout
     r = runner.invoke(app, ["report", "--db", str(db)])
     assert r.exit_code == 0 and "Head roles" in r.stdout
+    r = runner.invoke(app, ["report", "--db", str(db), "--html", str(tmp_path / "r.html")])
+    assert r.exit_code == 0 and '<script id="famfind-data"' in (tmp_path / "r.html").read_text()
+    r = runner.invoke(app, ["report", "--db", str(db), "--html", str(tmp_path / "no" / "such" / "r.html")])
+    assert r.exit_code == 1 and "cannot write the HTML report" in r.output
     r = runner.invoke(app, ["report", "--db", str(db), "--scan-id", "7"])
     assert r.exit_code == 1 and "no scan with scan_id 7" in r.stderr
     r = runner.invoke(app, scan_args(planted_paths, db, "--config", seq64, "-q", "--select", "head_roles"))

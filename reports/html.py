@@ -1,0 +1,104 @@
+"""The HTML report of one scan: a single self-contained file (no CDN, works offline).
+
+Everything is read back from the DuckDB file and embedded as one JSON blob; the page's own
+JavaScript (``reports/templates/report.js``) draws the head x feature head-attribution
+heatmap (canvas), the cluster-size distribution and the feature cards, 50 per page, so a
+report for 10k+ features stays usable. A search box finds features by id, family or label.
+
+Each feature card: density, max activation, families, cluster, label (when the labels table
+exists), an activation histogram, top boosted and suppressed tokens, head attribution and
+DFA-by-head bars, DFA by source (top sources of its top example) and its top-activating
+contexts with the active token shaded by its activation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+def _rows(con, sql: str, *args) -> list[dict]:
+    cur = con.execute(sql, list(args))
+    cols = [d[0] for d in cur.description]
+    return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+
+def _has(con, table: str) -> bool:
+    return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
+                            [table]).fetchone()[0])
+
+
+def report_data(con, scan_id: int, max_features: int | None = None) -> dict:
+    """The report's JSON: scan, validation, heads, clusters and one entry per live feature."""
+    scan = _rows(con, "SELECT * EXCLUDE (config) FROM scans WHERE scan_id = ?", scan_id)[0]
+    scan = {k: (str(v) if k == "created_at" else v) for k, v in scan.items()}
+    feats = {r["feature"]: {**r, "families": [], "logits": {"boost": [], "suppress": []}, "att": [], "dfa": [],
+                            "sources": [], "examples": [], "hist": []}
+             for r in _rows(con, "SELECT feature, density, max_act, mean_act FROM features "
+                                 "WHERE scan_id = ? AND NOT dead ORDER BY feature", scan_id)}
+    if max_features is not None:
+        feats = dict(list(feats.items())[:max_features])
+
+    def each(sql, fn):
+        for r in _rows(con, sql, scan_id):
+            f = feats.get(r["feature"])
+            if f is not None:
+                fn(f, r)
+
+    each("SELECT feature, family, round(confidence, 3) AS c, is_primary FROM families WHERE scan_id = ?",
+         lambda f, r: f["families"].append([r["family"], r["c"], bool(r["is_primary"])]))
+    if _has(con, "feature_logits"):
+        each("SELECT feature, direction, token_str, round(logit, 3) AS l FROM feature_logits WHERE scan_id = ? "
+             "AND rank < 5 ORDER BY feature, direction, rank",
+             lambda f, r: f["logits"][r["direction"]].append([r["token_str"], r["l"]]))
+    if _has(con, "head_attribution"):
+        each("SELECT feature, round(attribution, 3) AS a FROM head_attribution WHERE scan_id = ? ORDER BY feature, head",
+             lambda f, r: f["att"].append(r["a"]))
+    if _has(con, "dfa_head"):
+        each("SELECT feature, round(share, 3) AS s FROM dfa_head WHERE scan_id = ? ORDER BY feature, head",
+             lambda f, r: f["dfa"].append(r["s"]))
+    if _has(con, "dfa_source"):
+        each("SELECT feature, token_str, distance, round(share, 3) AS s FROM dfa_source WHERE scan_id = ? "
+             "AND example_rank = 0 ORDER BY feature, source_rank",
+             lambda f, r: f["sources"].append([r["token_str"], r["distance"], r["s"]]))
+    each("SELECT feature, round(act, 3) AS a, context FROM examples WHERE scan_id = ? ORDER BY feature, rank",
+         lambda f, r: f["examples"].append([r["a"], r["context"]]))
+    if _has(con, "activation_histogram"):
+        each("SELECT feature, bin, count FROM activation_histogram WHERE scan_id = ? ORDER BY feature, bin",
+             lambda f, r: f["hist"].append([r["bin"], r["count"]]))
+    if _has(con, "clusters"):
+        each("SELECT feature, cluster FROM clusters WHERE scan_id = ?", lambda f, r: f.__setitem__("cluster", r["cluster"]))
+    if _has(con, "labels"):
+        each("SELECT feature, label, description, score FROM labels WHERE scan_id = ? AND feature IS NOT NULL",
+             lambda f, r: f.__setitem__("label", [r["label"], r["description"], r["score"]]))
+    heads = _rows(con, "SELECT layer, head, metric, round(score, 3) AS score FROM heads WHERE scan_id = ? "
+                       "ORDER BY layer, head, metric", scan_id)
+    from famfind.activations import HIST_EDGES
+
+    return {
+        "scan": scan,
+        "validation": _rows(con, "SELECT * EXCLUDE (scan_id) FROM validation WHERE scan_id = ? ORDER BY family", scan_id),
+        "heads": heads,
+        "n_heads": max((len(f["att"]) for f in feats.values()), default=0),
+        "layer": scan["layer"],
+        "clusters": _rows(con, "SELECT cluster, size, top_head, round(top_head_loading, 3) AS loading "
+                               "FROM cluster_sizes WHERE scan_id = ? ORDER BY size DESC", scan_id)
+        if _has(con, "cluster_sizes") else [],
+        "hist_edges": [round(x, 6) for x in HIST_EDGES.tolist()],
+        "features": list(feats.values()),
+    }
+
+
+def render_html(con, scan_id: int, out: str | Path, max_features: int | None = None) -> Path:
+    """Write the report of ``scan_id`` to ``out`` (one file); returns its path."""
+    data = json.dumps(report_data(con, scan_id, max_features), separators=(",", ":"), default=str)
+    data = data.replace("</", "<\\/")  # never close the <script> early
+    page = (TEMPLATES / "report.html").read_text()
+    page = page.replace("/*__CSS__*/", (TEMPLATES / "report.css").read_text())
+    page = page.replace("/*__JS__*/", (TEMPLATES / "report.js").read_text())
+    page = page.replace("/*__DATA__*/null", data)
+    p = Path(out)
+    p.write_text(page, encoding="utf-8")
+    return p

@@ -1,0 +1,88 @@
+"use strict";
+(function () {
+  const D = JSON.parse(document.getElementById("famfind-data").textContent);
+  const $ = (id) => document.getElementById(id);
+  const esc = (s) => String(s).replace(/[&<>"]/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}[c]));
+  const fmt = (v) => (v === null || v === undefined ? "-" : typeof v === "number" && !Number.isInteger(v) ? v.toPrecision(3) : v);
+
+  const s = D.scan;
+  $("scan-id").textContent = s.scan_id;
+  $("scan-summary").textContent = `${s.sae_path} | model ${s.model} | ${s.hook_name} | ${s.architecture} SAE, d_sae ${s.d_sae} | ` +
+    `${s.n_tokens.toLocaleString()} tokens of ${s.corpus} | L0 ${s.l0.toFixed(1)} | dead ${(100 * s.dead_fraction).toFixed(1)}%`;
+
+  function table(el, rows) {
+    if (!rows.length) { el.innerHTML = "<tr><td>none</td></tr>"; return; }
+    const cols = [...new Set(rows.flatMap((r) => Object.keys(r)))];
+    el.innerHTML = "<tr>" + cols.map((c) => `<th>${esc(c)}</th>`).join("") + "</tr>" +
+      rows.map((r) => "<tr>" + cols.map((c) => `<td>${esc(fmt(r[c]))}</td>`).join("") + "</tr>").join("");
+  }
+  table($("validation"), D.validation);
+  const byHead = {};
+  for (const h of D.heads) { (byHead[`${h.layer}.${h.head}`] = byHead[`${h.layer}.${h.head}`] || {head: `${h.layer}.${h.head}`})[h.metric] = h.score; }
+  table($("heads"), Object.values(byHead));
+
+  // heatmap: one column per live feature (sorted by top head), one row per head
+  const cv = $("heatmap"), ctx = cv.getContext("2d"), H = D.n_heads, F = D.features.length;
+  if (H && F) {
+    const order = D.features.map((f, i) => [f.att.indexOf(Math.max(...f.att)), -Math.max(...f.att), i]).sort((a, b) => a[0] - b[0] || a[1] - b[1]);
+    const w = cv.width / F, h = cv.height / H;
+    order.forEach(([, , i], x) => D.features[i].att.forEach((a, y) => {
+      ctx.fillStyle = `rgba(40, 80, 170, ${a})`;
+      ctx.fillRect(x * w, y * h, Math.max(w, 1), h);
+    }));
+  }
+
+  // cluster sizes
+  const cs = $("cluster-sizes");
+  if (D.clusters.length) {
+    const mx = Math.max(...D.clusters.map((c) => c.size));
+    cs.innerHTML = D.clusters.map((c) => `<div class="bar"><span>cluster ${c.cluster} (${esc(c.top_head)})</span>` +
+      `<span class="fill" style="width:${(300 * c.size / mx).toFixed(0)}px"></span><span>${c.size}</span></div>`).join("");
+  } else cs.textContent = "no clusters in this scan";
+
+  function bars(vals, cls) {
+    return vals.map((v, i) => `<div class="bar"><span>${D.layer}.${i}</span><span class="fill ${cls}" style="width:${(120 * v).toFixed(0)}px"></span><span>${fmt(v)}</span></div>`).join("");
+  }
+  function hist(f) {
+    if (!f.hist.length) return "";
+    const mx = Math.max(...f.hist.map((b) => b[1]));
+    return `<div class="hist" title="activation histogram (log-spaced bins)">` +
+      f.hist.map(([b, n]) => `<div style="height:${(40 * n / mx).toFixed(0)}px" title="bin ${b}: ${n}"></div>`).join("") + "</div>";
+  }
+  function context(a, text, maxAct) {
+    const m = /^([\s\S]*)\[\[([\s\S]*)\]\]([\s\S]*)$/.exec(text);
+    if (!m) return esc(text);
+    const alpha = Math.min(1, a / (maxAct || 1)).toFixed(2);
+    return esc(m[1]) + `<mark style="background: rgba(255, 140, 0, ${alpha})">${esc(m[2])}</mark>` + esc(m[3]);
+  }
+  function card(f) {
+    const fams = f.families.map(([n, c, p]) => `<span class="fam">${esc(n)}${p ? "*" : ""} ${fmt(c)}</span>`).join("");
+    const lab = f.label ? `<div class="label">${esc(f.label[0])}: ${esc(f.label[1])} (score ${fmt(f.label[2])})</div>` : "";
+    const toks = (l) => l.map(([t, v]) => `<span class="tok">${esc(JSON.stringify(t))}</span> ${fmt(v)}`).join(", ");
+    return `<div class="card" data-feature="${f.feature}"><h3>feature ${f.feature}</h3>${lab}<div>${fams}</div>` +
+      `<div>density ${fmt(f.density)} | max ${fmt(f.max_act)} | cluster ${f.cluster ?? "-"}</div>${hist(f)}` +
+      `<div><b>boosts</b> ${toks(f.logits.boost)}</div><div><b>suppresses</b> ${toks(f.logits.suppress)}</div>` +
+      `<div><b>head attribution</b>${bars(f.att, "")}</div>` + (f.dfa.length ? `<div><b>DFA by head</b>${bars(f.dfa, "dfa")}</div>` : "") +
+      (f.sources.length ? `<div><b>DFA by source</b> (top example): ` + f.sources.map(([t, o, sh]) => `<span class="tok">${esc(JSON.stringify(t))}</span> @-${o} ${fmt(sh)}`).join(", ") + "</div>" : "") +
+      `<div><b>top contexts</b>` + f.examples.map(([a, c]) => `<div class="ctx">${fmt(a)}: ${context(a, c, f.max_act)}</div>`).join("") + "</div></div>";
+  }
+
+  let page = 0;
+  const PER = 50;
+  function matches() {
+    const q = $("search").value.trim().toLowerCase(), fam = $("only-families").checked;
+    return D.features.filter((f) => (!fam || f.families.length) && (!q || String(f.feature) === q ||
+      f.families.some(([n]) => n.toLowerCase().includes(q)) || (f.label && f.label[0].toLowerCase().includes(q))));
+  }
+  function draw() {
+    const m = matches(), pages = Math.max(1, Math.ceil(m.length / PER));
+    page = Math.min(page, pages - 1);
+    $("cards").innerHTML = m.slice(page * PER, (page + 1) * PER).map(card).join("");
+    $("page-info").textContent = `page ${page + 1} / ${pages} (${m.length} features)`;
+  }
+  $("search").addEventListener("input", () => { page = 0; draw(); });
+  $("only-families").addEventListener("change", () => { page = 0; draw(); });
+  $("prev").addEventListener("click", () => { page = Math.max(0, page - 1); draw(); });
+  $("next").addEventListener("click", () => { page += 1; draw(); });
+  draw();
+})();

@@ -1,0 +1,61 @@
+"""The HTML report: one self-contained file for the embedded default, checked in headless
+Chromium (Debian's ``chromium``; the test is skipped, with the reason, when it is missing)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from famfind.corpus import default_dir
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    if not (default_dir() / "sae" / "cfg.json").exists():
+        pytest.skip("embedded default artefacts are not built")
+    from famfind.db import connect, write_scan
+    from famfind.scan import ScanConfig, run_scan
+    from reports.html import render_html
+
+    d = tmp_path_factory.mktemp("html")
+    sid = write_scan(d / "r.duckdb", run_scan(ScanConfig(max_tokens=100_000)))
+    con = connect(d / "r.duckdb", read_only=True)
+    try:
+        return render_html(con, sid, d / "report.html")
+    finally:
+        con.close()
+
+
+def test_report_is_self_contained_with_every_live_feature(report):
+    page = report.read_text()
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # no CDN, nothing fetched
+    data = json.loads(re.search(r'<script id="famfind-data" type="application/json">(.*?)</script>',
+                                page, re.S).group(1))
+    live = round(data["scan"]["d_sae"] * (1 - data["scan"]["dead_fraction"]))
+    assert len(data["features"]) == live > 1000 and data["validation"] and data["n_heads"] == 4
+    f = data["features"][0]
+    assert len(f["att"]) == 4 and f["examples"] and f["logits"]["boost"] and f["hist"]
+
+
+def test_report_renders_in_chromium(report, tmp_path):
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("chromium not found (.ci/run installs Debian's chromium when it can)")
+    args = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
+            "--window-size=1200,2400"]
+    dom = subprocess.run(args + ["--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    console = [ln for ln in dom.stderr.splitlines() if "CONSOLE" in ln]
+    assert not console, console  # no console messages at all: no errors, no uncaught exceptions
+    assert len(re.findall(r'class="card" data-feature="\d+"', dom.stdout)) == 50  # first page of cards
+    assert re.search(r"page 1 / \d+ \(\d{4} features\)", dom.stdout)
+    for el in ('id="validation"', 'id="heatmap"', 'id="cluster-sizes"', 'id="search"'):
+        assert el in dom.stdout
+    shot = tmp_path / "report.png"
+    subprocess.run(args + [f"--screenshot={shot}", report.as_uri()], capture_output=True, timeout=120, check=True)
+    assert shot.stat().st_size > 10_000
+    print(f"screenshot: {shot}")
