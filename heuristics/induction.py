@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from famfind.families import attribution_groups
 from famfind.plugins import Detection, FamilyMember, Heuristic, Options, Result, Validation
 
 
@@ -132,18 +133,9 @@ class InductionSelection(Heuristic):
         heads = ctx.results["head_roles"].data["induction_heads"]
         att = ctx.results["head_attribution"].data["attribution"]  # [d_sae, n_heads]
         beh = ctx.results["induction_behaviour"].data
-        live = ~ctx.stats.dead
-        if heads:
-            on_ind = att[:, heads]
-            best = on_ind.max(1).values
-            total = on_ind.sum(1)
-        else:
-            best = total = torch.zeros(att.shape[0])
-        selected = live & (best >= o.selection_threshold)
-        pool = torch.nonzero(live & (total < o.control_max_attribution)).flatten()
-        perm = torch.randperm(pool.numel(), generator=ctx.generator)[: o.control_size]
-        control = torch.zeros_like(selected)
-        control[pool[perm]] = True
+        g = attribution_groups(att, heads, ~ctx.stats.dead, o.selection_threshold, o.control_max_attribution,
+                               o.control_size, ctx.generator)
+        selected, control, best = g.selected, g.control, g.role_attribution
         passed = beh["passed"]
         dets, fams = [], []
         for group, mask in (("selected", selected), ("control", control)):
