@@ -75,7 +75,8 @@ GROUP BY ALL
 """
 
 
-def _table_exists(con, name: str) -> bool:
+def table_exists(con, name: str) -> bool:
+    """Does the open DuckDB connection hold a table or view called ``name``?"""
     return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
                             [name]).fetchone()[0])
 
@@ -216,7 +217,7 @@ def write_scan(db_path: str | Path, result) -> int:
                 con.execute(f"CREATE TABLE IF NOT EXISTS {name} AS SELECT * FROM _famfind_rows LIMIT 0")
                 con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM _famfind_rows")
             con.unregister("_famfind_rows")
-        if "clusters" in frames or _table_exists(con, "clusters"):
+        if "clusters" in frames or table_exists(con, "clusters"):
             con.execute(CROSSTAB_VIEW)
         con.execute("COMMIT")
         return int(scan_id)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from famfind.db import table_exists
+
 TEMPLATES = Path(__file__).parent / "templates"
 
 
@@ -23,11 +25,6 @@ def _rows(con, sql: str, *args) -> list[dict]:
     cur = con.execute(sql, list(args))
     cols = [d[0] for d in cur.description]
     return [dict(zip(cols, r)) for r in cur.fetchall()]
-
-
-def _has(con, table: str) -> bool:
-    return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
-                            [table]).fetchone()[0])
 
 
 def report_data(con, scan_id: int, max_features: int | None = None) -> dict:
@@ -49,28 +46,28 @@ def report_data(con, scan_id: int, max_features: int | None = None) -> dict:
 
     each("SELECT feature, family, round(confidence, 3) AS c, is_primary FROM families WHERE scan_id = ?",
          lambda f, r: f["families"].append([r["family"], r["c"], bool(r["is_primary"])]))
-    if _has(con, "feature_logits"):
+    if table_exists(con, "feature_logits"):
         each("SELECT feature, direction, token_str, round(logit, 3) AS l FROM feature_logits WHERE scan_id = ? "
              "AND rank < 5 ORDER BY feature, direction, rank",
              lambda f, r: f["logits"][r["direction"]].append([r["token_str"], r["l"]]))
-    if _has(con, "head_attribution"):
+    if table_exists(con, "head_attribution"):
         each("SELECT feature, round(attribution, 3) AS a FROM head_attribution WHERE scan_id = ? ORDER BY feature, head",
              lambda f, r: f["att"].append(r["a"]))
-    if _has(con, "dfa_head"):
+    if table_exists(con, "dfa_head"):
         each("SELECT feature, round(share, 3) AS s FROM dfa_head WHERE scan_id = ? ORDER BY feature, head",
              lambda f, r: f["dfa"].append(r["s"]))
-    if _has(con, "dfa_source"):
+    if table_exists(con, "dfa_source"):
         each("SELECT feature, token_str, distance, round(share, 3) AS s FROM dfa_source WHERE scan_id = ? "
              "AND example_rank = 0 ORDER BY feature, source_rank",
              lambda f, r: f["sources"].append([r["token_str"], r["distance"], r["s"]]))
     each("SELECT feature, round(act, 3) AS a, context FROM examples WHERE scan_id = ? ORDER BY feature, rank",
          lambda f, r: f["examples"].append([r["a"], r["context"]]))
-    if _has(con, "activation_histogram"):
+    if table_exists(con, "activation_histogram"):
         each("SELECT feature, bin, count FROM activation_histogram WHERE scan_id = ? ORDER BY feature, bin",
              lambda f, r: f["hist"].append([r["bin"], r["count"]]))
-    if _has(con, "clusters"):
+    if table_exists(con, "clusters"):
         each("SELECT feature, cluster FROM clusters WHERE scan_id = ?", lambda f, r: f.__setitem__("cluster", r["cluster"]))
-    if _has(con, "labels"):
+    if table_exists(con, "labels"):
         each("SELECT feature, label, description, score FROM labels WHERE scan_id = ? AND feature IS NOT NULL",
              lambda f, r: f.__setitem__("label", [r["label"], r["description"], r["score"]]))
     heads = _rows(con, "SELECT layer, head, metric, round(score, 3) AS score FROM heads WHERE scan_id = ? "
@@ -85,7 +82,7 @@ def report_data(con, scan_id: int, max_features: int | None = None) -> dict:
         "layer": scan["layer"],
         "clusters": _rows(con, "SELECT cluster, size, top_head, round(top_head_loading, 3) AS loading "
                                "FROM cluster_sizes WHERE scan_id = ? ORDER BY size DESC", scan_id)
-        if _has(con, "cluster_sizes") else [],
+        if table_exists(con, "cluster_sizes") else [],
         "hist_edges": [round(x, 6) for x in HIST_EDGES.tolist()],
         "features": list(feats.values()),
     }

@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
+from famfind.db import table_exists
+
 # Kissane et al. (2024), automated induction-feature analysis on gelu-2l's L1 attention SAE
 PAPER_INDUCTION = {"selected": 586, "passed": 450, "control": 500, "control_passed": 3,
                    "ablation_tested": 450, "ablation_off": 443}
@@ -86,7 +88,7 @@ def render(con, scan_id: int, console: Console, top: int = 10) -> None:
     t.add_row("[dim](no family)[/]", str(live - covered), f"{(live - covered) / max(live, 1):.1%}", "-")
     console.print(t)
 
-    if _has_table(con, "clusters") and _q(con, "SELECT count(*) FROM clusters WHERE scan_id = ?", scan_id)[0][0]:
+    if table_exists(con, "clusters") and _q(con, "SELECT count(*) FROM clusters WHERE scan_id = ?", scan_id)[0][0]:
         summ = _q(con, "SELECT summary FROM detector_runs WHERE scan_id = ? AND detector = 'clusters'", scan_id)
         sm = json.loads(summ[0][0]) if summ and summ[0][0] else {}
         rows = _q(con, """
@@ -114,7 +116,7 @@ def render(con, scan_id: int, console: Console, top: int = 10) -> None:
              AND l.direction = 'boost' AND l.rank = 0
         JOIN features ft ON ft.scan_id = f.scan_id AND ft.feature = f.feature
         WHERE f.scan_id = ? ORDER BY f.family, f.confidence DESC, f.feature LIMIT ?""", scan_id, top) \
-        if _has_table(con, "feature_logits") else []
+        if table_exists(con, "feature_logits") else []
     if members:
         t = Table(title=f"Top family members (first {top})")
         for c in ("family", "feature", "confidence", "top boosted token", "density"):
@@ -127,8 +129,3 @@ def render(con, scan_id: int, console: Console, top: int = 10) -> None:
              scan_id)
     for det, origin, status, err in bad:
         console.print(f"[yellow]detector {det} ({origin}) {status}: {err}[/]")
-
-
-def _has_table(con, name: str) -> bool:
-    return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
-                            [name]).fetchone()[0])
