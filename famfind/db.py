@@ -150,18 +150,13 @@ def scan_frames(result) -> dict[str, pl.DataFrame]:
     frames["detections"] = pl.DataFrame(dets, schema={"detector": pl.Utf8, "feature": pl.Int32,
                                                       "score": pl.Float64, "passed": pl.Boolean,
                                                       "evidence": pl.Utf8})
-    best: dict[int, tuple[float, str]] = {}
-    for r in fams:
-        key = (-r["confidence"], r["family"])
-        if r["feature"] not in best or key < best[r["feature"]]:
-            best[r["feature"]] = key
-    for r in fams:
-        r["is_primary"] = best[r["feature"]] == (-r["confidence"], r["family"])
-    seen: set[int] = set()
-    for r in fams:  # one primary per feature even if a family lists it twice
-        if r["is_primary"]:
-            r["is_primary"] = r["feature"] not in seen
-            seen.add(r["feature"])
+    primary: dict[int, int] = {}  # feature -> its row of highest confidence (ties: family name, then first)
+    for i, r in enumerate(fams):
+        j = primary.get(r["feature"])
+        if j is None or (-r["confidence"], r["family"]) < (-fams[j]["confidence"], fams[j]["family"]):
+            primary[r["feature"]] = i
+    for i, r in enumerate(fams):
+        r["is_primary"] = primary[r["feature"]] == i
     frames["families"] = pl.DataFrame(fams, schema={"family": pl.Utf8, "feature": pl.Int32,
                                                     "confidence": pl.Float64, "detector": pl.Utf8,
                                                     "is_primary": pl.Boolean})

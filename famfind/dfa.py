@@ -50,7 +50,6 @@ class HeadDFAAccumulator:
     def __init__(self, d_sae: int, n_heads: int, device="cpu"):
         self.num = torch.zeros(d_sae, n_heads, dtype=torch.float64, device=device)
         self.den = torch.zeros(d_sae, dtype=torch.float64, device=device)
-        self.abs_sum = torch.zeros(d_sae, n_heads, dtype=torch.float64, device=device)
 
     def update(self, z, acts, W_enc_T, b_dec) -> None:
         """One batch; ``W_enc_T [d_sae, d_in]``, other arguments as :func:`dfa_by_head_at`."""
@@ -58,7 +57,6 @@ class HeadDFAAccumulator:
         a = dfa.sum(-1, keepdim=True)
         self.num.index_add_(0, feat, (dfa * a).double())
         self.den.index_add_(0, feat, (a * a).squeeze(-1).double())
-        self.abs_sum.index_add_(0, feat, dfa.abs().double())
 
     def share(self) -> torch.Tensor:
         """``[d_sae, n_heads]`` fraction of each feature's DFA variance per head (0 rows: never fired)."""
