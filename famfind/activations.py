@@ -10,6 +10,7 @@ plus one batch, whatever the corpus size; the same path serves a GPT-2-small SAE
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import torch
@@ -30,6 +31,12 @@ class ActivationBatch:
     tokens: torch.Tensor
     z: torch.Tensor
     acts: torch.Tensor
+
+    @cached_property
+    def firing(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(batch_idx, pos, feature)`` of every entry with ``acts > 0``, each ``[n_fired]``,
+        in row-major order; computed once per batch and shared by every observer."""
+        return torch.nonzero(self.acts > 0, as_tuple=True)
 
 
 HIST_EDGES = torch.logspace(-3, 3, 25)  # activation histogram bin edges (log-spaced)
@@ -102,9 +109,9 @@ def activation_pass(model, sae: SAE, corpus: TokenCorpus, batch_size: int = 32, 
         asum += flat.sum(0, dtype=torch.float64).cpu()
         amax = torch.maximum(amax, flat.max(0).values.cpu())
         l0 += active.sum().item()
-        row, col = torch.nonzero(active, as_tuple=True)  # histogram from the firing entries only
-        hist.index_add_(0, col * nb + torch.bucketize(flat[row, col], edges),
-                        torch.ones_like(col))
+        batch = ActivationBatch(torch.arange(start, start + B), toks, z, acts)
+        b, t, f = batch.firing  # histogram from the firing entries only
+        hist.index_add_(0, f * nb + torch.bucketize(acts[b, t, f], edges), torch.ones_like(f))
         zs = z.sum(dim=(0, 1), dtype=torch.float64).cpu()
         zsum = zs if zsum is None else zsum + zs
         # streaming top-k per feature: merge this batch's best with the running best
@@ -117,7 +124,6 @@ def activation_pass(model, sae: SAE, corpus: TokenCorpus, batch_size: int = 32, 
         top_a = cat_a.gather(0, order)
         top_s = torch.cat([top_s, seq]).gather(0, order)
         top_p = torch.cat([top_p, pos]).gather(0, order)
-        batch = ActivationBatch(torch.arange(start, start + B), toks, z, acts)
         for obs in observers:
             obs(batch)
         if progress:

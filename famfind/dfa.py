@@ -20,13 +20,14 @@ def _enc_blocks(W_enc: torch.Tensor, n_heads: int) -> torch.Tensor:
     return W_enc.reshape(n_heads, -1, W_enc.shape[1])
 
 
-def dfa_by_head_at(z: torch.Tensor, acts: torch.Tensor, W_enc_T: torch.Tensor,
-                   b_dec: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def dfa_by_head_at(z: torch.Tensor, acts: torch.Tensor, W_enc_T: torch.Tensor, b_dec: torch.Tensor | None,
+                   firing: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-head DFA at every firing (position, feature) pair of a batch.
 
     ``z [batch, pos, n_heads, d_head]`` (hook_z), ``acts [batch, pos, d_sae]``,
     ``W_enc_T [d_sae, n_heads*d_head]`` (the encoder transposed, contiguous),
-    ``b_dec [n_heads*d_head]`` or ``None``.
+    ``b_dec [n_heads*d_head]`` or ``None``; ``firing``: the ``(batch_idx, pos, feature)``
+    indices of ``acts > 0`` when already known (:attr:`ActivationBatch.firing`).
     Returns ``(row, feature, dfa)``: the flat position index ``[n_pairs]``, the feature
     ``[n_pairs]`` and ``dfa [n_pairs, n_heads]`` in pre-activation units. Only firing pairs
     are computed (``O(n_tokens * L0 * d_in)``), so it is cheap for any ``d_sae``.
@@ -35,7 +36,8 @@ def dfa_by_head_at(z: torch.Tensor, acts: torch.Tensor, W_enc_T: torch.Tensor,
     zf = z.reshape(B * T, H * dh)
     if b_dec is not None:
         zf = zf - b_dec
-    row, feat = torch.nonzero(acts.reshape(B * T, -1) > 0, as_tuple=True)
+    b, t, feat = firing if firing is not None else torch.nonzero(acts > 0, as_tuple=True)
+    row = b * T + t
     dfa = (zf[row].view(-1, H, dh) * W_enc_T[feat].view(-1, H, dh)).sum(-1)
     return row, feat, dfa
 
@@ -51,9 +53,9 @@ class HeadDFAAccumulator:
         self.num = torch.zeros(d_sae, n_heads, dtype=torch.float64, device=device)
         self.den = torch.zeros(d_sae, dtype=torch.float64, device=device)
 
-    def update(self, z, acts, W_enc_T, b_dec) -> None:
+    def update(self, z, acts, W_enc_T, b_dec, firing=None) -> None:
         """One batch; ``W_enc_T [d_sae, d_in]``, other arguments as :func:`dfa_by_head_at`."""
-        _, feat, dfa = dfa_by_head_at(z, acts, W_enc_T, b_dec)
+        _, feat, dfa = dfa_by_head_at(z, acts, W_enc_T, b_dec, firing)
         a = dfa.sum(-1, keepdim=True)
         self.num.index_add_(0, feat, (dfa * a).double())
         self.den.index_add_(0, feat, (a * a).squeeze(-1).double())

@@ -51,16 +51,18 @@ def delimiter_mask(tokenizer, d_vocab: int) -> torch.Tensor:
     return out
 
 
-def run_stats(acts: torch.Tensor, delim: torch.Tensor, long_len: int) -> dict[str, torch.Tensor]:
+def run_stats(acts: torch.Tensor, delim: torch.Tensor, long_len: int,
+              firing: tuple[torch.Tensor, ...] | None = None) -> dict[str, torch.Tensor]:
     """Per-feature run counts of one batch, from its firing positions only (O(n_fired)).
 
     ``acts [batch, pos, n_features]``, ``delim`` bool ``[batch, pos]`` (is the token at that
     position a delimiter). Returns ``[n_features]`` long tensors: ``runs``, ``ends_inside``
     (runs not cut by the sequence end), ``ends_delim`` (of those, ending at a delimiter),
     ``long_runs`` (length >= ``long_len``) and ``long_positions`` (firing positions in them).
+    ``firing``: the ``(batch_idx, pos, feature)`` indices of ``acts > 0`` when already known.
     """
     B, T, F = acts.shape
-    b, t, f = torch.nonzero(acts > 0, as_tuple=True)
+    b, t, f = firing if firing is not None else torch.nonzero(acts > 0, as_tuple=True)
     key = (b * F + f) * (T + 1) + t  # a gap of one between (sequence, feature) rows
     key, order = key.sort()
     b, t, f = b[order], t[order], f[order]
@@ -103,7 +105,7 @@ class ContextRuns(Heuristic):
         self.acc: dict[str, torch.Tensor] = {}
 
     def observe(self, batch, ctx) -> None:
-        part = run_stats(batch.acts, self.delim[batch.tokens], self.long_len)
+        part = run_stats(batch.acts, self.delim[batch.tokens], self.long_len, batch.firing)
         for k, v in part.items():
             self.acc[k] = self.acc[k] + v if k in self.acc else v
 

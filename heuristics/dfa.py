@@ -48,7 +48,7 @@ class DFAHead(Heuristic):
     def observe(self, batch, ctx) -> None:
         if self.options.max_tokens and self.seen >= self.options.max_tokens:
             return
-        self.acc.update(batch.z, batch.acts, self.W_enc_T, self.b_dec)
+        self.acc.update(batch.z, batch.acts, self.W_enc_T, self.b_dec, batch.firing)
         self.seen += batch.tokens.numel()
 
     def run(self, ctx) -> Result:
