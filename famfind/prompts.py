@@ -107,6 +107,11 @@ class IOIBatch:
     s: torch.Tensor
     io_pos: torch.Tensor
 
+    def io_minus_s(self, W_U: torch.Tensor) -> torch.Tensor:
+        """Unembedding directions ``W_U[:, IO] - W_U[:, S]`` per prompt, ``[n, d_model]``
+        (``W_U [d_model, d_vocab]``): a residual vector's dot product is its logit diff."""
+        return (W_U[:, self.io.to(W_U.device)] - W_U[:, self.s.to(W_U.device)]).T
+
 
 def ioi_names(tokenizer) -> list[tuple[str, int]]:
     """Names of :data:`IOI_NAMES` that are one token after a space: ``[(name, id)]``."""

@@ -38,7 +38,10 @@ class LongPrefixHeadsOptions(Options):
     min_score: float = 0.3
 
 
-def _prompts(model, k: int, n: int, gen: torch.Generator, filler: int):
+def _prompts(model, o, k: int, n: int, gen: torch.Generator):
+    """Long-prefix prompts for prefix length ``k``; the filler shrinks so the longest prompt
+    (BOS + 2 fillers + 2 * max_prefix + 1) fits the model's context."""
+    filler = min(o.filler, (model.cfg.n_ctx - 2 * o.max_prefix - 2) // 2)
     return long_prefix_prompts(model.cfg.d_vocab, k, n, gen, filler, bos=bos_id(model.tokenizer))
 
 
@@ -52,10 +55,9 @@ class LongPrefixHeads(Heuristic):
     def run(self, ctx) -> Result:
         o, m, L = self.options, ctx.model, ctx.layer
         H = m.cfg.n_heads
-        filler = min(o.filler, (m.cfg.n_ctx - 2 * o.max_prefix - 2) // 2)
         curve = torch.zeros(o.max_prefix, H)
         for k in range(1, o.max_prefix + 1):
-            toks, dest, src = _prompts(m, k, o.n_seqs, ctx.generator, filler)
+            toks, dest, src = _prompts(m, o, k, o.n_seqs, ctx.generator)
             pat = m.patterns(toks.to(ctx.config.device), [L])[L]
             curve[k - 1] = pat[:, :, dest, src].mean(0).cpu()
         long = curve[o.long_from - 1:].mean(0)
@@ -95,12 +97,11 @@ class LongPrefixFeatures(Heuristic):
         g = Groups(ind["selected"], ctl, torch.zeros(ind["selected"].shape[0]))
         F = top.shape[0]
         feats = torch.nonzero(g.selected | g.control).flatten()
-        filler = min(o.filler, (m.cfg.n_ctx - 2 * o.max_prefix - 2) // 2)
         rate = torch.zeros(o.max_prefix, F)
         Bs = top[feats].unique()
         block = torch.searchsorted(Bs, top[feats])  # each tested feature's block of prompts
         for k in range(1, o.max_prefix + 1):
-            toks, dest, src = _prompts(m, k, o.n_seqs * Bs.numel(), ctx.generator, filler)
+            toks, dest, src = _prompts(m, o, k, o.n_seqs * Bs.numel(), ctx.generator)
             toks[:, src] = Bs.repeat_interleave(o.n_seqs)
             acts = encode_last(m, ctx.sae, toks[:, :dest + 1], ctx.layer, batch_size=256,
                                device=ctx.config.device)[:, feats] > 0  # [nB * n_seqs, n_tested]

@@ -55,7 +55,7 @@ class NameMoverHeads(Heuristic):
             pat = m.patterns(toks, [L])[L][:, :, -1, :].cpu()  # [n, H, key]
             att_sum += pat[torch.arange(len(toks)), :, b.io_pos].sum(0)
             z = m.run_hook_z(toks, L)[:, -1]  # [n, H, d_head]
-            diff = (W_U[:, b.io.to(W_U.device)] - W_U[:, b.s.to(W_U.device)]).T  # [n, d_model]
+            diff = b.io_minus_s(W_U)  # [n, d_model]
             ld_sum += torch.einsum("nhd,hdm,nm->h", z, W_O, diff).cpu()
             n += len(toks)
         att, ld = att_sum / n, ld_sum / n
@@ -98,7 +98,7 @@ class NameMoverFeatures(Heuristic):
             W_U = m.W_U()
             for b in nm["batches"]:
                 acts = encode_last(m, sae, b.tokens, L, device=ctx.config.device)[:, feats]  # [n, nf]
-                diff = (resid @ (W_U[:, b.io.to(W_U.device)] - W_U[:, b.s.to(W_U.device)])).T.cpu()  # [n, nf]
+                diff = (b.io_minus_s(W_U) @ resid.T).cpu()  # [n, nf]
                 fired = acts > 0
                 fires[feats] += fired.sum(0).float()
                 good[feats] += (fired & (diff > 0)).sum(0).float()
