@@ -40,6 +40,21 @@ class ActivationBatch:
 
 
 HIST_EDGES = torch.logspace(-3, 3, 25)  # activation histogram bin edges (log-spaced)
+WINDOW = (-12, 4)  # example windows: 12 tokens before the position to 3 after (offsets [-12, 4))
+
+
+def window_acts(flat: torch.Tensor, b: torch.Tensor, t: torch.Tensor, f: torch.Tensor, T: int) -> torch.Tensor:
+    """Feature ``f``'s activation on each token of the window around ``(b, t)``.
+
+    ``flat [batch * pos, d_sae]`` one batch's activations; ``b, t, f [n]`` batch row,
+    position and feature of each entry; returns ``[n, 16]`` (offsets ``WINDOW``; 0 outside
+    the sequence), float16.
+    """
+    off = torch.arange(*WINDOW, device=flat.device)
+    pos = t[:, None] + off  # [n, W]
+    ok = (pos >= 0) & (pos < T)
+    idx = b[:, None] * T + pos.clamp(0, T - 1)
+    return (flat[idx, f[:, None]] * ok).half()
 
 
 @dataclass
@@ -51,7 +66,15 @@ class FeatureStats:
     ``mean_z [n_heads, d_head]`` mean hook_z over all positions (for mean-ablation);
     ``l0_sum`` sum over positions of active-feature counts; ``n_tokens`` positions seen;
     ``hist [d_sae, len(HIST_EDGES) + 1]`` counts of positive activations per log-spaced bin
-    (:data:`HIST_EDGES`; first bin below 1e-3, last above 1e3).
+    (:data:`HIST_EDGES`; first bin below 1e-3, last above 1e3);
+    ``top_win [top_k, d_sae, 16]`` the feature's activation on each token of the window
+    (:data:`WINDOW`) around each top example (float16);
+    ``sample_acts/sample_seq/sample_pos [n_sample, d_sae]`` and ``sample_win
+    [n_sample, d_sae, 16]``: a uniform random sample, without replacement, of each feature's
+    firing positions (reservoir sampling by random keys; seq -1 = empty slot), so examples
+    from every activation quantile are at hand (sample_acts sorted descending);
+    ``random_seq/random_pos [n_random]`` random corpus positions and ``random_active`` the
+    list of features firing at each (non-activating contexts for the detection score).
     """
 
     fire_count: torch.Tensor
@@ -64,6 +87,14 @@ class FeatureStats:
     l0_sum: float
     n_tokens: int
     hist: torch.Tensor | None = None
+    top_win: torch.Tensor | None = None
+    sample_acts: torch.Tensor | None = None
+    sample_seq: torch.Tensor | None = None
+    sample_pos: torch.Tensor | None = None
+    sample_win: torch.Tensor | None = None
+    random_seq: torch.Tensor | None = None
+    random_pos: torch.Tensor | None = None
+    random_active: list[list[int]] | None = None
 
     @property
     def density(self) -> torch.Tensor:
@@ -83,8 +114,15 @@ class FeatureStats:
 
 def activation_pass(model, sae: SAE, corpus: TokenCorpus, batch_size: int = 32, top_k: int = 10,
                     observers: list[Callable[[ActivationBatch], None]] = (),
-                    progress: Callable[[int], None] | None = None, device: str = "cpu") -> FeatureStats:
-    """Run the pass; returns :class:`FeatureStats`. ``progress(n_seqs_done)`` per batch."""
+                    progress: Callable[[int], None] | None = None, device: str = "cpu",
+                    n_sample: int = 20, n_random: int = 256, seed: int = 0) -> FeatureStats:
+    """Run the pass; returns :class:`FeatureStats`. ``progress(n_seqs_done)`` per batch.
+
+    ``top_k`` top examples and ``n_sample`` uniformly sampled firing positions per feature
+    (with their activation windows), and ``n_random`` random corpus positions (seeded by
+    ``seed``) with the features active there, are kept for example-based reports and
+    labelling. Memory: O(d_sae * (top_k + n_sample) * 16) plus one batch.
+    """
     layer, F = sae.layer, sae.d_sae
     n_seq, T = corpus.tokens.shape
     fire = torch.zeros(F, dtype=torch.long)
@@ -98,6 +136,18 @@ def activation_pass(model, sae: SAE, corpus: TokenCorpus, batch_size: int = 32, 
     nb = HIST_EDGES.numel() + 1
     hist = torch.zeros(F * nb, dtype=torch.long, device=device)
     edges = HIST_EDGES.to(device)
+    W = WINDOW[1] - WINDOW[0]
+    top_w = torch.zeros(top_k, F, W, dtype=torch.float16)
+    gen = torch.Generator().manual_seed(seed)
+    samp_key = torch.full((n_sample, F), float("inf"))
+    samp_a = torch.zeros(n_sample, F)
+    samp_s = torch.full((n_sample, F), -1, dtype=torch.long)
+    samp_p = torch.full((n_sample, F), -1, dtype=torch.long)
+    samp_w = torch.zeros(n_sample, F, W, dtype=torch.float16)
+    n_random = min(n_random, n_seq * T)
+    rnd = torch.randperm(n_seq * T, generator=gen)[:n_random].sort().values
+    rnd_seq, rnd_pos = rnd // T, rnd % T
+    rnd_active: list[list[int]] = [[] for _ in range(n_random)]
     for start in range(0, n_seq, batch_size):
         toks = corpus.tokens[start:start + batch_size].to(device)
         B = toks.shape[0]
@@ -119,11 +169,44 @@ def activation_pass(model, sae: SAE, corpus: TokenCorpus, batch_size: int = 32, 
         v, i = flat.topk(k, dim=0)  # [k, d_sae]
         seq = (i // T + start).cpu()
         pos = (i % T).cpu()
+        fidx = torch.arange(F, device=flat.device).expand(k, F)
+        win = window_acts(flat, (i // T).flatten(), (i % T).flatten(), fidx.flatten(), T).view(k, F, W).cpu()
         cat_a = torch.cat([top_a, v.cpu()])
         order = cat_a.topk(top_k, dim=0).indices
         top_a = cat_a.gather(0, order)
         top_s = torch.cat([top_s, seq]).gather(0, order)
         top_p = torch.cat([top_p, pos]).gather(0, order)
+        top_w = torch.cat([top_w, win]).gather(0, order[..., None].expand(-1, -1, W))
+        if n_sample:  # reservoir sample by random keys: keep each feature's n_sample smallest keys
+            key = torch.rand(f.numel(), generator=gen).to(f.device)
+            o1 = key.argsort()
+            o2 = f[o1].argsort(stable=True)
+            srt = o1[o2]  # grouped by feature, keys ascending within a feature
+            fs = f[srt]
+            first = torch.searchsorted(fs, fs, right=False)
+            rank = torch.arange(fs.numel(), device=fs.device) - first
+            keep = srt[rank < n_sample]
+            r_k = rank[rank < n_sample]
+            kb, kt, kf = b[keep], t[keep], f[keep]
+            new_key = torch.full((n_sample, F), float("inf"))
+            new_key[r_k.cpu(), kf.cpu()] = key[keep].cpu()
+            new_a = torch.zeros(n_sample, F)
+            new_a[r_k.cpu(), kf.cpu()] = acts[kb, kt, kf].float().cpu()
+            new_s = torch.full((n_sample, F), -1, dtype=torch.long)
+            new_s[r_k.cpu(), kf.cpu()] = (kb + start).cpu()
+            new_p = torch.full((n_sample, F), -1, dtype=torch.long)
+            new_p[r_k.cpu(), kf.cpu()] = kt.cpu()
+            new_w = torch.zeros(n_sample, F, W, dtype=torch.float16)
+            new_w[r_k.cpu(), kf.cpu()] = window_acts(flat, kb, kt, kf, T).cpu()
+            o = torch.cat([samp_key, new_key]).topk(n_sample, dim=0, largest=False).indices
+            samp_key = torch.cat([samp_key, new_key]).gather(0, o)
+            samp_a = torch.cat([samp_a, new_a]).gather(0, o)
+            samp_s = torch.cat([samp_s, new_s]).gather(0, o)
+            samp_p = torch.cat([samp_p, new_p]).gather(0, o)
+            samp_w = torch.cat([samp_w, new_w]).gather(0, o[..., None].expand(-1, -1, W))
+        in_b = torch.nonzero((rnd_seq >= start) & (rnd_seq < start + B)).flatten().tolist()
+        for j in in_b:
+            rnd_active[j] = torch.nonzero(acts[int(rnd_seq[j]) - start, int(rnd_pos[j])] > 0).flatten().tolist()
         for obs in observers:
             obs(batch)
         if progress:
@@ -131,5 +214,11 @@ def activation_pass(model, sae: SAE, corpus: TokenCorpus, batch_size: int = 32, 
     n_tok = n_seq * T
     top_s[top_a <= 0] = -1
     top_p[top_a <= 0] = -1
+    samp_s[samp_key == float("inf")] = -1
+    o = samp_a.argsort(dim=0, descending=True)  # sample ordered by activation, empty slots last
+    samp_a, samp_s, samp_p = samp_a.gather(0, o), samp_s.gather(0, o), samp_p.gather(0, o)
+    samp_w = samp_w.gather(0, o[..., None].expand(-1, -1, W))
+    samp_p[samp_s < 0] = -1
     return FeatureStats(fire, asum, amax, top_a, top_s, top_p,
-                        (zsum / n_tok).float(), l0, n_tok, hist.view(F, nb).cpu())
+                        (zsum / n_tok).float(), l0, n_tok, hist.view(F, nb).cpu(), top_w,
+                        samp_a, samp_s, samp_p, samp_w, rnd_seq, rnd_pos, rnd_active)

@@ -13,7 +13,12 @@ Core tables (schema also in README.md):
   highest-confidence family; ties go to the family named first alphabetically);
 - ``validation``: scan_id, family, selected, passed, control, control_passed,
   ablation_tested, ablation_off;
-- ``examples``: scan_id, feature, rank, seq, pos, act, context (active token in ``[[ ]]``);
+- ``examples``: scan_id, feature, rank, seq, pos, act, context (active token in ``[[ ]]``),
+  tokens (the window's tokens, 12 before to 3 after), acts (the feature's activation on each);
+- ``activation_samples``: the same columns (rank = order by activation) for a uniform random
+  sample of each feature's firing positions: examples from every activation quantile;
+- ``random_contexts``: scan_id, seq, pos, context, tokens, active (features firing there):
+  random corpus positions, the non-activating contexts of the detection score;
 - ``activation_histogram``: scan_id, feature, bin, lo, hi, count (positive activations per
   log-spaced bin; empty bins left out);
 
@@ -38,7 +43,7 @@ import famfind
 from famfind.errors import FamfindError
 
 CORE_TABLES = ("scans", "detector_runs", "features", "heads", "detections", "families",
-               "validation", "examples", "activation_histogram")
+               "validation", "examples", "activation_histogram", "activation_samples", "random_contexts")
 TABLE_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 DEFAULT_DB = "famfind.duckdb"
 
@@ -60,7 +65,13 @@ ALTER TABLE families ADD COLUMN IF NOT EXISTS is_primary BOOLEAN;
 CREATE TABLE IF NOT EXISTS validation (scan_id INTEGER, family VARCHAR, selected INTEGER, passed INTEGER,
   control INTEGER, control_passed INTEGER, ablation_tested INTEGER, ablation_off INTEGER);
 CREATE TABLE IF NOT EXISTS examples (scan_id INTEGER, feature INTEGER, rank INTEGER, seq INTEGER, pos INTEGER,
-  act DOUBLE, context VARCHAR);
+  act DOUBLE, context VARCHAR, tokens VARCHAR[], acts FLOAT[]);
+ALTER TABLE examples ADD COLUMN IF NOT EXISTS tokens VARCHAR[];
+ALTER TABLE examples ADD COLUMN IF NOT EXISTS acts FLOAT[];
+CREATE TABLE IF NOT EXISTS activation_samples (scan_id INTEGER, feature INTEGER, rank INTEGER, seq INTEGER,
+  pos INTEGER, act DOUBLE, context VARCHAR, tokens VARCHAR[], acts FLOAT[]);
+CREATE TABLE IF NOT EXISTS random_contexts (scan_id INTEGER, seq INTEGER, pos INTEGER, context VARCHAR,
+  tokens VARCHAR[], active INTEGER[]);
 CREATE TABLE IF NOT EXISTS activation_histogram (scan_id INTEGER, feature INTEGER, bin INTEGER, lo DOUBLE,
   hi DOUBLE, count BIGINT);
 """
@@ -92,13 +103,47 @@ def connect(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnect
         raise FamfindError(p, f"cannot open as a DuckDB database ({str(e).splitlines()[0][:160]})") from None
 
 
-def _context(tokenizer, toks: np.ndarray, pos: int, width: int = 12) -> str:
-    if tokenizer is None:
-        return " ".join(map(str, toks[max(0, pos - width): pos + 4]))
-    left = tokenizer.decode(toks[max(0, pos - width): pos].tolist())
-    mid = tokenizer.decode([int(toks[pos])])
-    right = tokenizer.decode(toks[pos + 1: pos + 4].tolist())
-    return f"{left}[[{mid}]]{right}"
+class _Pieces:
+    """Token id -> its text (decoded alone, cached); ids as strings without a tokenizer."""
+
+    def __init__(self, tokenizer):
+        self.tok, self.cache = tokenizer, {}
+
+    def __call__(self, i: int) -> str:
+        s = self.cache.get(i)
+        if s is None:
+            s = self.cache[i] = str(i) + " " if self.tok is None else self.tok.decode([i])
+        return s
+
+
+def _window(pieces: _Pieces, toks: np.ndarray, pos: int) -> tuple[str, list[str], int]:
+    """``(context with the token at pos in [[ ]], window tokens, index of pos in them)``,
+    over offsets :data:`famfind.activations.WINDOW` clipped to the sequence."""
+    from famfind.activations import WINDOW
+
+    lo, hi = max(0, pos + WINDOW[0]), min(len(toks), pos + WINDOW[1])
+    words = [pieces(int(t)) for t in toks[lo:hi]]
+    j = pos - lo
+    return "".join(words[:j]) + f"[[{words[j]}]]" + "".join(words[j + 1:]), words, j
+
+
+def _example_rows(pieces, toks, acts, seqs, poss, wins, live) -> list[dict]:
+    """One row per (rank, live feature) with seq >= 0: context, tokens, acts of the window."""
+    from famfind.activations import WINDOW
+
+    rows = []
+    for f in live:
+        for r in range(acts.shape[0]):
+            s, p = int(seqs[r, f]), int(poss[r, f])
+            if s < 0:
+                continue
+            ctx, words, j = _window(pieces, toks[s], p)
+            a0 = -j - WINDOW[0]  # window slot of its first token (the window starts at p - j)
+            w = None if wins is None else wins[r, f, a0:a0 + len(words)]
+            rows.append({"feature": int(f), "rank": r, "seq": s, "pos": p, "act": float(acts[r, f]),
+                         "context": ctx, "tokens": words,
+                         "acts": None if w is None else [round(float(x), 4) for x in w]})
+    return rows
 
 
 def scan_frames(result) -> dict[str, pl.DataFrame]:
@@ -163,18 +208,26 @@ def scan_frames(result) -> dict[str, pl.DataFrame]:
     vcols = ["family", "selected", "passed", "control", "control_passed", "ablation_tested", "ablation_off"]
     frames["validation"] = pl.DataFrame([{c: r.get(c) for c in vcols} for r in vals.values()],
                                         schema={c: (pl.Utf8 if c == "family" else pl.Int32) for c in vcols})
-    ex = []
     toks = ctx.corpus.tokens.numpy()
-    tok = ctx.model.tokenizer
+    pieces = _Pieces(ctx.model.tokenizer)
     live = np.nonzero(fc > 0)[0]
-    for f in live:
-        for r in range(st.top_acts.shape[0]):
-            s, p, a = int(st.top_seq[r, f]), int(st.top_pos[r, f]), float(st.top_acts[r, f])
-            if s >= 0:
-                ex.append({"feature": int(f), "rank": r, "seq": s, "pos": p, "act": a,
-                           "context": _context(tok, toks[s], p)})
-    frames["examples"] = pl.DataFrame(ex, schema={"feature": pl.Int32, "rank": pl.Int32, "seq": pl.Int32,
-                                                  "pos": pl.Int32, "act": pl.Float64, "context": pl.Utf8})
+    ex_schema = {"feature": pl.Int32, "rank": pl.Int32, "seq": pl.Int32, "pos": pl.Int32, "act": pl.Float64,
+                 "context": pl.Utf8, "tokens": pl.List(pl.Utf8), "acts": pl.List(pl.Float32)}
+    win = lambda w: None if w is None else w.float().numpy()  # noqa: E731
+    frames["examples"] = pl.DataFrame(_example_rows(pieces, toks, st.top_acts.numpy(), st.top_seq.numpy(),
+                                                    st.top_pos.numpy(), win(st.top_win), live), schema=ex_schema)
+    if st.sample_acts is not None:
+        frames["activation_samples"] = pl.DataFrame(
+            _example_rows(pieces, toks, st.sample_acts.numpy(), st.sample_seq.numpy(), st.sample_pos.numpy(),
+                          win(st.sample_win), live), schema=ex_schema)
+    if st.random_seq is not None:
+        rc = []
+        for s_, p_, a_ in zip(st.random_seq.tolist(), st.random_pos.tolist(), st.random_active):
+            c, words, _ = _window(pieces, toks[s_], p_)
+            rc.append({"seq": s_, "pos": p_, "context": c, "tokens": words, "active": a_})
+        frames["random_contexts"] = pl.DataFrame(rc, schema={"seq": pl.Int32, "pos": pl.Int32, "context": pl.Utf8,
+                                                             "tokens": pl.List(pl.Utf8),
+                                                             "active": pl.List(pl.Int32)})
     if st.hist is not None:
         from famfind.activations import HIST_EDGES
 

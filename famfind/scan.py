@@ -36,6 +36,8 @@ class ScanConfig:
     max_tokens: int | None = None
     batch_size: int = 32
     top_k: int = 10
+    n_samples: int = 20  # uniformly sampled firing positions per feature (activation quantiles)
+    n_random: int = 256  # random corpus positions (non-activating contexts)
     select: tuple[str, ...] = ()
     skip: tuple[str, ...] = ()
     plugins: tuple[str, ...] = ()
@@ -213,7 +215,8 @@ def run_scan(config: ScanConfig, registry: Registry | None = None,
 
     adv = progress_factory("activation pass", corpus.tokens.shape[0]) if progress_factory else None
     ctx.stats = activation_pass(model, sae, corpus, config.batch_size, config.top_k,
-                                [make_observer(h) for h in observers], adv, config.device)
+                                [make_observer(h) for h in observers], adv, config.device,
+                                config.n_samples, config.n_random, config.seed)
     for hid in order:
         if hid in post and (hid not in runs or runs[hid].status == "ok"):
             execute(hid, lambda hid=hid: dets[hid].run(ctx), True)

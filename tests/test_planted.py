@@ -93,3 +93,39 @@ def test_behaviour_vectorised_matches_per_feature_loop(planted_paths):
                 seen.add(big)
             assert bool(elig[b, f]) == any_later
             assert bool(passed[b, f]) == (any_later and ok)
+
+
+def test_examples_samples_and_random_contexts_match_recomputed_activations(planted_scan):
+    """The pass's top-example windows, its uniform firing sample (activation quantiles) and the
+    random non-activating positions agree with activations recomputed from scratch."""
+    from famfind.activations import WINDOW
+
+    result, _, _ = planted_scan
+    ctx, st = result.ctx, result.ctx.stats
+    toks = ctx.corpus.tokens
+    with torch.no_grad():
+        acts = torch.cat([ctx.sae.encode(ctx.model.run_hook_z(toks[i:i + 64], 1).flatten(-2))
+                          for i in range(0, toks.shape[0], 64)])  # [n_seq, pos, d_sae]
+    T = toks.shape[1]
+    live = torch.nonzero(~st.dead).flatten()
+    assert live.numel() > 10
+    for f in live[:: max(1, live.numel() // 12)].tolist():
+        n_fire = int((acts[..., f] > 0).sum())
+        got = st.sample_seq[:, f] >= 0
+        assert int(got.sum()) == min(n_fire, st.sample_seq.shape[0])  # a full sample, no duplicates
+        pairs = {(int(s), int(p)) for s, p in zip(st.sample_seq[got, f], st.sample_pos[got, f])}
+        assert len(pairs) == int(got.sum())
+        assert (st.sample_acts[got, f][:-1] >= st.sample_acts[got, f][1:]).all()  # sorted by act
+        for seqs, poss, vals, wins in ((st.sample_seq, st.sample_pos, st.sample_acts, st.sample_win),
+                                       (st.top_seq, st.top_pos, st.top_acts, st.top_win)):
+            for r in range(seqs.shape[0]):
+                s, p = int(seqs[r, f]), int(poss[r, f])
+                if s < 0:
+                    continue
+                assert acts[s, p, f] > 0
+                torch.testing.assert_close(vals[r, f], acts[s, p, f], rtol=1e-4, atol=1e-5)
+                for j, o in enumerate(range(*WINDOW)):
+                    want = acts[s, p + o, f] if 0 <= p + o < T else torch.tensor(0.0)
+                    torch.testing.assert_close(wins[r, f, j].float(), want.half().float(), rtol=2e-3, atol=1e-3)
+    for s, p, active in zip(st.random_seq.tolist(), st.random_pos.tolist(), st.random_active):
+        assert active == torch.nonzero(acts[s, p] > 0).flatten().tolist()
