@@ -29,6 +29,23 @@ err = Console(stderr=True)
 _state = {"debug": False}
 
 DbOpt = Annotated[Path, typer.Option("--db", help="DuckDB file with the scan tables.")]
+LLM_PANEL = "LLM labelling"
+BaseUrlOpt = Annotated[Optional[str], typer.Option(
+    "--llm-base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (vLLM, Ollama, "
+    "llama.cpp). Default: the openai client's (OPENAI_BASE_URL or api.openai.com).", rich_help_panel=LLM_PANEL)]
+ModelOpt = Annotated[str, typer.Option("--llm-model", help="Model name sent to the endpoint.", rich_help_panel=LLM_PANEL)]
+KeyEnvOpt = Annotated[str, typer.Option("--llm-api-key-env", help="Environment variable holding the API key.",
+                                        rich_help_panel=LLM_PANEL)]
+MaxCallsOpt = Annotated[int, typer.Option("--llm-max-calls", min=0, help="At most this many LLM requests "
+                                          "(cached replies are free).", rich_help_panel=LLM_PANEL)]
+ConcOpt = Annotated[int, typer.Option("--llm-concurrency", min=1, help="Requests in flight at once.",
+                                      rich_help_panel=LLM_PANEL)]
+TimeoutOpt = Annotated[float, typer.Option("--llm-timeout", min=0.01, help="Seconds per attempt.",
+                                           rich_help_panel=LLM_PANEL)]
+RetriesOpt = Annotated[int, typer.Option("--llm-retries", min=0, help="Retries (with backoff) of a timeout, "
+                                         "429 or 5xx.", rich_help_panel=LLM_PANEL)]
+FeaturesOpt = Annotated[Optional[str], typer.Option("--label-features", help="Also label these single "
+                                                    "features, e.g. 3,17,42.", rich_help_panel=LLM_PANEL)]
 
 
 def _line(msg: str) -> None:
@@ -113,16 +130,32 @@ def scan(
     config: Annotated[Optional[Path], typer.Option(help="TOML with [scan] keys and [detectors.<id>] options.")] = None,
     strict_plugins: Annotated[bool, typer.Option(help="A failing plugin stops the scan.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No report, only the scan id.")] = False,
+    label: Annotated[bool, typer.Option("--label", help="After the scan, label every family and cluster "
+                                        "with an LLM (see `famfind label`).", rich_help_panel=LLM_PANEL)] = False,
+    llm_base_url: BaseUrlOpt = None,
+    llm_model: ModelOpt = "gpt-4o-mini",
+    llm_api_key_env: KeyEnvOpt = "OPENAI_API_KEY",
+    llm_max_calls: MaxCallsOpt = 500,
+    llm_concurrency: ConcOpt = 4,
+    llm_timeout: TimeoutOpt = 60.0,
+    llm_retries: RetriesOpt = 4,
+    label_features: FeaturesOpt = None,
 ):
     """Scan an attention SAE: run the detectors, store tables in DuckDB, print the report.
 
     Example: famfind scan                     # the embedded default model + SAE
     Example: famfind scan path/to/sae_dir --model path/to/hf_checkpoint --db out.duckdb
+    Example: famfind scan --label --llm-base-url http://127.0.0.1:8000/v1 --llm-model qwen2.5-7b
     """
     from famfind.db import connect, write_scan
     from famfind.scan import ScanConfig, run_scan
     from reports.terminal import render
 
+    from famfind.llm import LLMConfig
+
+    llm_cfg = LLMConfig(llm_model, llm_base_url, llm_api_key_env, llm_max_calls, llm_concurrency, llm_timeout,
+                        llm_retries)
+    feats = _parse_features(label_features)
     cfg_file = _read_config(config)
     det_opts = {k: dict(v) for k, v in cfg_file.get("detectors", {}).items()}
     det_opts.setdefault("induction_selection", {}).setdefault("selection_threshold", selection_threshold)
@@ -146,6 +179,8 @@ def scan(
         result = run_scan(scan_cfg, reg, _progress_factory(progress),
                           log=lambda m: _line(f"famfind: {m}"))
     scan_id = write_scan(db, result)
+    if label:
+        _label(db, scan_id, llm_cfg, feats, quiet)
     if quiet:
         typer.echo(scan_id)
         return
@@ -155,6 +190,78 @@ def scan(
     finally:
         con.close()
     _line(f"famfind: wrote scan {scan_id} to {db}")
+
+
+def _parse_features(spec: Optional[str]) -> tuple[int, ...]:
+    if not spec:
+        return ()
+    try:
+        return tuple(int(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        raise FamfindError("--label-features", f"expected comma-separated feature ids, got {spec!r}") from None
+
+
+def _label(db: Path, scan_id: int, llm_cfg, features: tuple[int, ...], quiet: bool,
+           kinds: tuple[str, ...] = ("family", "cluster")) -> None:
+    """Label a stored scan (families, clusters, requested features); one summary line."""
+    from famfind.db import connect
+    from famfind.labels import label_scan, summary
+    from famfind.llm import LLM
+
+    con = connect(db)
+    try:
+        llm = LLM(llm_cfg, con)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err, transient=True, disable=quiet) as progress:
+            run = label_scan(con, scan_id, llm, kinds, features, progress_factory=_progress_factory(progress))
+    finally:
+        con.close()
+    s = summary(run.rows)
+    acc = s["mean_balanced_accuracy"]
+    status = ", ".join(f"{v} {k}" for k, v in sorted(s["status"].items())) or "nothing to label"
+    _line(f"famfind: labelled {s['targets']} targets of scan {scan_id} ({status}); {s['scored']} scored, "
+          f"mean balanced accuracy {'-' if acc is None else f'{acc:.3f}'}; {run.calls} LLM calls, "
+          f"{run.hits} cached replies")
+
+
+@app.command()
+@guarded
+def label(
+    db: DbOpt = Path("famfind.duckdb"),
+    scan_id: Annotated[Optional[int], typer.Option(help="Scan to label (default: the latest).")] = None,
+    llm_base_url: BaseUrlOpt = None,
+    llm_model: ModelOpt = "gpt-4o-mini",
+    llm_api_key_env: KeyEnvOpt = "OPENAI_API_KEY",
+    llm_max_calls: MaxCallsOpt = 500,
+    llm_concurrency: ConcOpt = 4,
+    llm_timeout: TimeoutOpt = 60.0,
+    llm_retries: RetriesOpt = 4,
+    features: Annotated[Optional[str], typer.Option("--features", help="Label these single features "
+                                                    "(comma-separated ids).")] = None,
+    only_features: Annotated[bool, typer.Option("--only-features", help="Skip families and clusters.")] = False,
+):
+    """Label the families and clusters of a stored scan with an LLM, and score each label.
+
+    Each label comes with a detection score (balanced accuracy of the LLM classifying held-out
+    activating vs non-activating contexts from the label alone). Replies are cached in the
+    database (table llm_cache): a re-run makes no calls. Results: table labels.
+
+    Example: famfind label --llm-base-url http://127.0.0.1:11434/v1 --llm-model llama3.1
+    Example: famfind label --features 3,17 --only-features
+    """
+    from famfind.db import connect, latest_scan_id
+    from famfind.llm import LLMConfig
+
+    con = connect(db, read_only=True)
+    try:
+        sid = scan_id if scan_id is not None else latest_scan_id(con)
+        if not con.execute("SELECT count(*) FROM scans WHERE scan_id = ?", [sid]).fetchone()[0]:
+            raise FamfindError(db, f"no scan with scan_id {sid}")
+    finally:
+        con.close()
+    cfg = LLMConfig(llm_model, llm_base_url, llm_api_key_env, llm_max_calls, llm_concurrency, llm_timeout,
+                    llm_retries)
+    _label(db, sid, cfg, _parse_features(features), False, () if only_features else ("family", "cluster"))
 
 
 @app.command()

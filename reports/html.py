@@ -7,8 +7,10 @@ report for 10k+ features stays usable. A search box finds features by id, family
 
 Each feature card: density, max activation, families, cluster, label (when the labels table
 exists), an activation histogram, top boosted and suppressed tokens, head attribution and
-DFA-by-head bars, DFA by source (top sources of its top example) and its top-activating
-contexts with the active token shaded by its activation.
+DFA-by-head bars, DFA by source (top sources of its top example), its top-activating contexts
+and examples from lower activation quantiles, each token shaded by the feature's activation on
+it. LLM labels of families and clusters (table ``labels``, from ``famfind label``) are listed
+with their detection scores.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def report_data(con, scan_id: int, max_features: int | None = None) -> dict:
     scan = _rows(con, "SELECT * EXCLUDE (config) FROM scans WHERE scan_id = ?", scan_id)[0]
     scan = {k: (str(v) if k == "created_at" else v) for k, v in scan.items()}
     feats = {r["feature"]: {**r, "families": [], "logits": {"boost": [], "suppress": []}, "att": [], "dfa": [],
-                            "sources": [], "examples": [], "hist": []}
+                            "sources": [], "examples": [], "quantiles": [], "hist": []}
              for r in _rows(con, "SELECT feature, density, max_act, mean_act FROM features "
                                  "WHERE scan_id = ? AND NOT dead ORDER BY feature", scan_id)}
     if max_features is not None:
@@ -60,16 +62,37 @@ def report_data(con, scan_id: int, max_features: int | None = None) -> dict:
         each("SELECT feature, token_str, distance, round(share, 3) AS s FROM dfa_source WHERE scan_id = ? "
              "AND example_rank = 0 ORDER BY feature, source_rank",
              lambda f, r: f["sources"].append([r["token_str"], r["distance"], r["s"]]))
-    each("SELECT feature, round(act, 3) AS a, context FROM examples WHERE scan_id = ? ORDER BY feature, rank",
-         lambda f, r: f["examples"].append([r["a"], r["context"]]))
+    has_tokens = "tokens" in {c for (c,) in con.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'examples'").fetchall()}
+    cols = "tokens, acts" if has_tokens else "NULL AS tokens, NULL AS acts"
+
+    def ex(r):
+        if r["tokens"] is None:
+            return [r["a"], r["context"], None, None]
+        return [r["a"], None, r["tokens"], [round(x, 3) if x else 0 for x in r["acts"]]]
+    each(f"SELECT feature, round(act, 3) AS a, context, {cols} FROM examples WHERE scan_id = ? ORDER BY feature, rank",
+         lambda f, r: f["examples"].append(ex(r)))
+    if table_exists(con, "activation_samples"):  # 3 examples from the sample: near its quartiles
+        each("SELECT feature, round(act, 3) AS a, context, tokens, acts "
+             "FROM (SELECT *, count(*) OVER (PARTITION BY feature) AS n FROM activation_samples WHERE scan_id = ?) "
+             "WHERE rank IN (n // 4, n // 2, (3 * n) // 4) ORDER BY feature, rank",
+             lambda f, r: f["quantiles"].append(ex(r)))
     if table_exists(con, "activation_histogram"):
         each("SELECT feature, bin, count FROM activation_histogram WHERE scan_id = ? ORDER BY feature, bin",
              lambda f, r: f["hist"].append([r["bin"], r["count"]]))
     if table_exists(con, "clusters"):
         each("SELECT feature, cluster FROM clusters WHERE scan_id = ?", lambda f, r: f.__setitem__("cluster", r["cluster"]))
+    labels = []
     if table_exists(con, "labels"):
-        each("SELECT feature, label, description, score FROM labels WHERE scan_id = ? AND feature IS NOT NULL",
+        each("SELECT feature, label, description, round(score, 3) AS score FROM labels WHERE scan_id = ? "
+             "AND feature IS NOT NULL AND status = 'ok'",
              lambda f, r: f.__setitem__("label", [r["label"], r["description"], r["score"]]))
+        labels = _rows(con, "SELECT kind, target, label, description, round(score, 3) AS score, status, llm_model "
+                            "FROM labels WHERE scan_id = ? ORDER BY kind = 'feature', kind, target", scan_id)
+        cl = {r["target"]: r["label"] for r in labels if r["kind"] == "cluster" and r["label"]}
+        for f in feats.values():
+            if str(f.get("cluster")) in cl:
+                f["cluster_label"] = cl[str(f["cluster"])]
     heads = _rows(con, "SELECT layer, head, metric, round(score, 3) AS score FROM heads WHERE scan_id = ? "
                        "ORDER BY layer, head, metric", scan_id)
     from famfind.activations import HIST_EDGES
@@ -84,6 +107,7 @@ def report_data(con, scan_id: int, max_features: int | None = None) -> dict:
                                "FROM cluster_sizes WHERE scan_id = ? ORDER BY size DESC", scan_id)
         if table_exists(con, "cluster_sizes") else [],
         "hist_edges": [round(x, 6) for x in HIST_EDGES.tolist()],
+        "labels": labels,
         "features": list(feats.values()),
     }
 

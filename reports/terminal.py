@@ -125,6 +125,18 @@ def render(con, scan_id: int, console: Console, top: int = 10) -> None:
             t.add_row(fam, str(f), f"{conf:.2f}", json.dumps(tok) if tok is not None else "-", f"{dens:.2e}")
         console.print(t)
 
+    if table_exists(con, "labels"):
+        labs = _q(con, "SELECT kind, target, label, description, score, status, n_pos, n_neg FROM labels "
+                       "WHERE scan_id = ? ORDER BY kind = 'feature', kind, target", scan_id)
+        if labs:
+            t = Table(title="LLM labels (score: balanced accuracy of detection on held-out contexts, 0.5 = chance)")
+            for c in ("kind", "target", "label", "description", "score", "contexts"):
+                t.add_column(c, justify="right" if c in ("score", "contexts") else "left")
+            for kind, target, lab, desc, score, status, npos, nneg in labs:
+                t.add_row(kind, target, lab if lab is not None else f"[red]{status}[/]", desc or "",
+                          "-" if score is None else f"{score:.2f}", "-" if npos is None else f"{npos}+{nneg}")
+            console.print(t)
+
     bad = _q(con, "SELECT detector, origin, status, error FROM detector_runs WHERE scan_id = ? AND status <> 'ok'",
              scan_id)
     for det, origin, status, err in bad:

@@ -10,20 +10,16 @@ import subprocess
 
 import pytest
 
-from famfind.corpus import default_dir
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    if not (default_dir() / "sae" / "cfg.json").exists():
-        pytest.skip("embedded default artefacts are not built")
-    from famfind.db import connect, write_scan
-    from famfind.scan import ScanConfig, run_scan
+def report(default_scan, tmp_path_factory):
+    from famfind.db import connect
     from reports.html import render_html
 
     d = tmp_path_factory.mktemp("html")
-    sid = write_scan(d / "r.duckdb", run_scan(ScanConfig(max_tokens=100_000)))
-    con = connect(d / "r.duckdb", read_only=True)
+    db, sid = default_scan
+    con = connect(db, read_only=True)
     try:
         return render_html(con, sid, d / "report.html")
     finally:

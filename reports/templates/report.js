@@ -17,6 +17,7 @@
       rows.map((r) => "<tr>" + cols.map((c) => `<td>${esc(fmt(r[c]))}</td>`).join("") + "</tr>").join("");
   }
   table($("validation"), D.validation);
+  if (D.labels.length) table($("labels"), D.labels); else $("labels-section").hidden = true;
   const byHead = {};
   for (const h of D.heads) { (byHead[`${h.layer}.${h.head}`] = byHead[`${h.layer}.${h.head}`] || {head: `${h.layer}.${h.head}`})[h.metric] = h.score; }
   table($("heads"), Object.values(byHead));
@@ -36,7 +37,8 @@
   const cs = $("cluster-sizes");
   if (D.clusters.length) {
     const mx = Math.max(...D.clusters.map((c) => c.size));
-    cs.innerHTML = D.clusters.map((c) => `<div class="bar"><span>cluster ${c.cluster} (${esc(c.top_head)})</span>` +
+    const cl = Object.fromEntries(D.labels.filter((l) => l.kind === "cluster" && l.label).map((l) => [l.target, l.label]));
+    cs.innerHTML = D.clusters.map((c) => `<div class="bar"><span>cluster ${c.cluster} (${esc(c.top_head)})${cl[c.cluster] ? ": " + esc(cl[c.cluster]) : ""}</span>` +
       `<span class="fill" style="width:${(300 * c.size / mx).toFixed(0)}px"></span><span>${c.size}</span></div>`).join("");
   } else cs.textContent = "no clusters in this scan";
 
@@ -49,7 +51,10 @@
     return `<div class="hist" title="activation histogram (log-spaced bins)">` +
       f.hist.map(([b, n]) => `<div style="height:${(40 * n / mx).toFixed(0)}px" title="bin ${b}: ${n}"></div>`).join("") + "</div>";
   }
-  function context(a, text, maxAct) {
+  function context(a, text, maxAct, tokens, acts) {
+    if (tokens && acts) {  // every token shaded by the feature's activation on it
+      return tokens.map((t, i) => acts[i] > 0 ? `<mark style="background: rgba(255, 140, 0, ${Math.min(1, acts[i] / (maxAct || 1)).toFixed(2)})" title="${fmt(acts[i])}">${esc(t)}</mark>` : esc(t)).join("");
+    }
     const m = /^([\s\S]*)\[\[([\s\S]*)\]\]([\s\S]*)$/.exec(text);
     if (!m) return esc(text);
     const alpha = Math.min(1, a / (maxAct || 1)).toFixed(2);
@@ -57,14 +62,16 @@
   }
   function card(f) {
     const fams = f.families.map(([n, c, p]) => `<span class="fam">${esc(n)}${p ? "*" : ""} ${fmt(c)}</span>`).join("");
-    const lab = f.label ? `<div class="label">${esc(f.label[0])}: ${esc(f.label[1])} (score ${fmt(f.label[2])})</div>` : "";
+    const lab = (f.label ? `<div class="label">${esc(f.label[0])}: ${esc(f.label[1])} (score ${fmt(f.label[2])})</div>` : "") +
+      (f.cluster_label ? `<div class="label">cluster: ${esc(f.cluster_label)}</div>` : "");
     const toks = (l) => l.map(([t, v]) => `<span class="tok">${esc(JSON.stringify(t))}</span> ${fmt(v)}`).join(", ");
     return `<div class="card" data-feature="${f.feature}"><h3>feature ${f.feature}</h3>${lab}<div>${fams}</div>` +
       `<div>density ${fmt(f.density)} | max ${fmt(f.max_act)} | cluster ${f.cluster ?? "-"}</div>${hist(f)}` +
       `<div><b>boosts</b> ${toks(f.logits.boost)}</div><div><b>suppresses</b> ${toks(f.logits.suppress)}</div>` +
       `<div><b>head attribution</b>${bars(f.att, "")}</div>` + (f.dfa.length ? `<div><b>DFA by head</b>${bars(f.dfa, "dfa")}</div>` : "") +
       (f.sources.length ? `<div><b>DFA by source</b> (top example): ` + f.sources.map(([t, o, sh]) => `<span class="tok">${esc(JSON.stringify(t))}</span> @-${o} ${fmt(sh)}`).join(", ") + "</div>" : "") +
-      `<div><b>top contexts</b>` + f.examples.map(([a, c]) => `<div class="ctx">${fmt(a)}: ${context(a, c, f.max_act)}</div>`).join("") + "</div></div>";
+      `<div><b>top contexts</b>` + f.examples.map(([a, c, t, v]) => `<div class="ctx">${fmt(a)}: ${context(a, c, f.max_act, t, v)}</div>`).join("") + "</div>" +
+      (f.quantiles.length ? `<div><b>lower quantiles</b>` + f.quantiles.map(([a, c, t, v]) => `<div class="ctx">${fmt(a)}: ${context(a, c, f.max_act, t, v)}</div>`).join("") + "</div>" : "") + "</div>";
   }
 
   let page = 0;
@@ -72,7 +79,8 @@
   function matches() {
     const q = $("search").value.trim().toLowerCase(), fam = $("only-families").checked;
     return D.features.filter((f) => (!fam || f.families.length) && (!q || String(f.feature) === q ||
-      f.families.some(([n]) => n.toLowerCase().includes(q)) || (f.label && f.label[0].toLowerCase().includes(q))));
+      f.families.some(([n]) => n.toLowerCase().includes(q)) || (f.label && f.label[0].toLowerCase().includes(q)) ||
+      (f.cluster_label && f.cluster_label.toLowerCase().includes(q))));
   }
   function draw() {
     const m = matches(), pages = Math.max(1, Math.ceil(m.length / PER));
