@@ -33,6 +33,7 @@ class ScriptedLLM:
         self.requests: list[dict] = []  # every request received (incl. retried ones)
         self.statuses = Counter()
         self.lock = threading.Lock()
+        self.inflight = self.max_inflight = 0  # concurrent requests being answered
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -42,7 +43,14 @@ class ScriptedLLM:
             def do_POST(self):
                 n = int(self.headers.get("content-length", 0))
                 body = json.loads(self.rfile.read(n))
-                code, payload, headers = owner.respond(self.path, body)
+                with owner.lock:
+                    owner.inflight += 1
+                    owner.max_inflight = max(owner.max_inflight, owner.inflight)
+                try:
+                    code, payload, headers = owner.respond(self.path, body)
+                finally:
+                    with owner.lock:
+                        owner.inflight -= 1
                 data = json.dumps(payload).encode()
                 try:
                     self.send_response(code)

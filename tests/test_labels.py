@@ -56,8 +56,8 @@ def test_balanced_accuracy_and_strict_parsing():
 
 def test_every_cluster_labelled_through_faults_then_second_run_makes_no_calls(default_db):
     db, sid = default_db
-    with ScriptedLLM(faults=["429", "500", "slow", None, "429"], slow_seconds=2.0) as srv:
-        r = _label(db, srv)
+    with ScriptedLLM(faults=["slow", "slow", "slow", "429", "500", None, "429"], slow_seconds=0.3) as srv:
+        r = _label(db, srv, "--llm-concurrency", "2")
         assert r.exit_code == 0, r.output
         n_first = len(srv.requests)
         rows = _labels(db)
@@ -72,14 +72,27 @@ def test_every_cluster_labelled_through_faults_then_second_run_makes_no_calls(de
         assert all(r_["status"] == "ok" and r_["label"].startswith("tokens like") for r_ in rows)
         assert all(r_["score_status"] == "ok" and 0 <= r_["score"] <= 1 and r_["n_pos"] > 0 and r_["n_neg"] > 0
                    for r_ in rows)
-        # 429, 500 and the slow reply (timed out at 0.5 s) were each retried and then answered
-        assert srv.statuses["429"] == 2 and srv.statuses["500"] == 1 and srv.statuses["slow"] == 1
-        assert retries == 4 and n_first == cached + 4 == 2 * len(rows) + 4
+        # 429 and 500 were retried and then answered; slow replies came back within the timeout
+        assert srv.statuses["429"] == 2 and srv.statuses["500"] == 1 and srv.statuses["slow"] == 3
+        assert srv.max_inflight == 2  # bounded concurrency: the three slow replies overlapped in pairs
+        assert retries == 3 and n_first == cached + 3 == 2 * len(rows) + 3
         assert f"{cached} LLM calls, 0 cached replies" in r.output
         r2 = _label(db, srv)
         assert r2.exit_code == 0 and len(srv.requests) == n_first  # all from the cache
         assert f"0 LLM calls, {cached} cached replies" in r2.output
         assert _labels(db) == rows
+
+
+def test_a_reply_slower_than_the_timeout_is_retried(default_db):
+    db, _ = default_db
+    with ScriptedLLM(faults=["slow"], slow_seconds=1.5) as srv:
+        r = _label(db, srv, "--features", "5", "--only-features")
+        assert r.exit_code == 0, r.output
+        (row,) = _labels(db)
+        assert row["status"] == "ok" and srv.statuses["slow"] == 1
+        con = connect(db, read_only=True)
+        assert con.execute("SELECT max(retries) FROM llm_cache").fetchone()[0] == 1  # timed out at 0.5 s, retried
+        con.close()
 
 
 def test_malformed_reply_is_recorded_and_the_run_completes(default_db):
