@@ -156,6 +156,8 @@ def scan(
     llm_cfg = LLMConfig(llm_model, llm_base_url, llm_api_key_env, llm_max_calls, llm_concurrency, llm_timeout,
                         llm_retries)
     feats = _parse_features(label_features)
+    if label:
+        llm_cfg.api_key()  # a missing key is an error before the scan, not after it
     cfg_file = _read_config(config)
     det_opts = {k: dict(v) for k, v in cfg_file.get("detectors", {}).items()}
     det_opts.setdefault("induction_selection", {}).setdefault("selection_threshold", selection_threshold)

@@ -51,6 +51,17 @@ class LLMConfig:
     max_retries: int = 4
     temperature: float = 0.0
 
+    def api_key(self) -> str:
+        """The key from ``api_key_env``; ``"EMPTY"`` for a local ``base_url`` without one.
+        Raises ``FamfindError`` naming the variable when the default endpoint has no key."""
+        key = os.environ.get(self.api_key_env)
+        if key:
+            return key
+        if self.base_url is None:
+            raise FamfindError(self.api_key_env, "environment variable not set (the API key for the LLM); "
+                               "export it, or pass --llm-base-url for a local server")
+        return "EMPTY"  # local OpenAI-compatible servers (vLLM, Ollama, llama.cpp) ignore it
+
 
 @dataclass
 class Request:
@@ -117,13 +128,7 @@ class LLM:
         if self._client is None:
             import openai
 
-            key = os.environ.get(self.cfg.api_key_env)
-            if not key:
-                if self.cfg.base_url is None:
-                    raise FamfindError(self.cfg.api_key_env, "environment variable not set (the API key for the "
-                                       "LLM); export it, or pass --llm-base-url for a local server")
-                key = "EMPTY"  # local OpenAI-compatible servers (vLLM, Ollama, llama.cpp) ignore it
-            self._client = openai.OpenAI(api_key=key, base_url=self.cfg.base_url, timeout=self.cfg.timeout,
+            self._client = openai.OpenAI(api_key=self.cfg.api_key(), base_url=self.cfg.base_url, timeout=self.cfg.timeout,
                                          max_retries=self.cfg.max_retries)
         return self._client
 

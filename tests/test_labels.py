@@ -130,6 +130,9 @@ def test_no_key_and_no_base_url_is_a_one_line_error(default_db, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     r = runner.invoke(app, ["label", "--db", str(db)])
     assert r.exit_code == 1 and "OPENAI_API_KEY" in r.output and "Traceback" not in r.output
+    out = db.parent / "new.duckdb"
+    r = runner.invoke(app, ["scan", "--label", "--db", str(out)])  # refused before any scanning
+    assert r.exit_code == 1 and "OPENAI_API_KEY" in r.output and not out.exists()
 
 
 def test_scan_label_labels_every_family_and_cluster(planted_paths, tmp_path):
