@@ -1,31 +1,32 @@
-"""Train the embedded default: a 2-layer GELU GPT-2-architecture model, aiming for an induction head.
+"""Train the embedded default: a 2-layer GELU GPT-2-architecture model with an induction head.
 
 Natural text alone does not grow an induction head in a model this small within a CPU
-budget (measured in issue #2: induction score <= 0.02 after 3,000 steps), and repeated
-random tokens at a *fixed* period teach a positional shortcut. The recipe here is a
-curriculum over three kinds of training sequence (all next-token loss):
+budget (issue #2: induction score <= 0.02 after 3,000 steps), nor did a warm-up on repeated
+random spans with GPT-2's initialisation (std 0.02, tied embeddings; 17k steps, no head).
+What worked (build/diag experiments, issue #2 notes) is TransformerLens's initialisation
+(normal, std ``0.8 / sqrt(d_model)``, untied unembedding) plus an attention-only warm-up
+on a small token set, then a curriculum that widens the token set while natural text comes in:
 
-- ``natural``: a random window of the training split;
-- ``random_repeat``: uniform random tokens with one random span repeated through the
-  sequence at varied gaps (no fixed period; small-scale runs still found a fuzzy positional
-  shortcut for these, see issue #2's notes);
-- ``natural_repeat``: a natural window with one of its spans copied later (induction on
-  real tokens, so the mechanism transfers to text).
+- *Stage 0* (attention-only: every MLP's ``c_proj`` is zero and frozen, so the model is a
+  2-layer attention-only transformer): ``batch0 x 64``-token sequences of random tokens from
+  ``[1, 65)`` in which one span of 10-30 tokens is copied right after itself; loss over those
+  65 logits only. Ends when a layer-1 head's induction score on that token set reaches
+  ``advance_at`` (0.5).
+- *Stage k = 1..6*: MLPs trainable. ``batch x n_ctx`` tokens: half natural windows of the
+  training split, half random tokens from ``[1, SETS[k] + 1)`` made of 64-token chunks with a
+  copied span, full-vocabulary loss. Advances when the induction score on the current token
+  set reaches ``advance_at``; ``SETS`` = 64, 128, ..., 4096 (the whole vocabulary).
+- *Final stage*: 50% natural windows, 25% natural windows with spans copied later in them
+  (induction on real text), 25% random repeats over the whole vocabulary, until ``steps``.
 
-Phase 1 uses 64-token sequences at random absolute positions (``position_ids`` offsets, so
-every position embedding trains and the previous-token mechanism must be relative), 80%
-random repeats over the fixed token set ``[1, 512)``; it lasts until a layer-1 head's induction
-score on repeated random tokens from that set reaches ``induction_switch`` (or ``max_warmup_steps``); phase 2 moves
-to the full vocabulary and mostly natural text. Head scores (:mod:`famfind.roles`) are
-logged every 50 steps. As built, this recipe did **not** grow an induction head
-(MODEL_CARD.md).
-Checkpoints every ``ckpt_every`` steps; re-running resumes from the last one.
+AdamW (lr ``lr``, weight decay ``weight_decay``), gradient clipping at 1.0, seed ``seed``;
+head scores (:mod:`famfind.roles`) logged every ``eval_every`` steps; checkpoints every
+``ckpt_every`` steps, and re-running resumes from the last one.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,25 +37,27 @@ import torch
 
 from famfind.roles import head_scores
 
+SETS = (64, 128, 256, 512, 1024, 2048, 4096)  # token sets of the curriculum's stages (capped at the vocab)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
     d_model: int = 128
     n_layers: int = 2
-    n_heads: int = 4  # d_head = 32: with d_head 16 no induction head formed in 3,150 steps
+    n_heads: int = 4  # d_head 32
     n_ctx: int = 256
     batch: int = 16
-    phase1_batch: int = 32
-    phase1_len: int = 64  # short sequences (at random absolute positions) while induction forms
-    steps: int = 6000
-    max_warmup_steps: int = 4500  # phase 1 ends here at the latest
-    induction_switch: float = 0.3  # ... or as soon as a layer-1 head's induction score reaches this
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    small_vocab: int = 512  # token set for phase-1 random repeats
-    ckpt_every: int = 250
+    batch0: int = 32
+    steps: int = 5000
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    init_std: float = 0.8 / 128 ** 0.5  # TransformerLens's default: 0.8 / sqrt(d_model)
+    advance_at: float = 0.5  # induction score on the current token set that ends a stage
+    eval_every: int = 100
+    ckpt_every: int = 100
     seed: int = 0
-    pos_init: str = "sinusoidal"  # learned positions, initialised to the sin/cos table (then trained)
+    long_repeats: bool = False  # final stage: random repeats of one span of 10..n_ctx/2 tokens (else 64-token chunks)
+    seed_per_step: bool = False  # batch of step s drawn from rng(seed, s): resuming never changes the run
 
 
 class _Probe:
@@ -75,53 +78,57 @@ class _Probe:
         return {lyr: att[lyr] for lyr in layers}
 
 
-def sinusoidal_table(n_ctx: int, d_model: int) -> torch.Tensor:
-    """Vaswani et al. (2017) position table ``[n_ctx, d_model]``: pair i = (sin, cos)(pos * w_i)."""
-    pos = torch.arange(n_ctx)[:, None]
-    freq = torch.exp(torch.arange(0, d_model, 2) * (-math.log(10000.0) / d_model))
-    table = torch.zeros(n_ctx, d_model)
-    table[:, 0::2], table[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)
-    return table
+def _rep(rng: np.random.Generator, T: int, hi: int) -> np.ndarray:
+    """Random tokens in ``[1, hi)``; one span of 10-30 tokens copied right after itself."""
+    x = rng.integers(1, hi, size=T)
+    n = int(rng.integers(10, min(31, T // 2)))
+    s = int(rng.integers(0, T - 2 * n + 1))
+    x[s + n:s + 2 * n] = x[s:s + n]
+    return x
 
 
-def _repeat_sequence(rng: np.random.Generator, T: int, lo: int, hi: int) -> np.ndarray:
-    """Random tokens in [lo, hi) with one random span repeated at varied gaps (no fixed period)."""
-    out = rng.integers(lo, hi, size=T)
-    L = int(rng.integers(4, max(T // 3, 5)))
-    span = rng.integers(lo, hi, size=L)
-    pos = int(rng.integers(0, max(T // 8, 1)))
-    while pos + L <= T:
-        out[pos:pos + L] = span
-        pos += L + int(rng.integers(0, max(T // 10, 1)))
-    return out
-
-
-def _make_batch(cfg: TrainConfig, train: np.ndarray, rng: np.random.Generator, phase1: bool,
-                vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token batch ``[batch, T]`` and its ``position_ids`` (phase 1: random absolute offsets)."""
-    B, T = (cfg.phase1_batch, cfg.phase1_len) if phase1 else (cfg.batch, cfg.n_ctx)
-    kinds = rng.choice(3, size=B, p=[0.2, 0.8, 0.0] if phase1 else [0.6, 0.2, 0.2])
-    out = np.empty((B, T), dtype=np.int64)
-    for b, kind in enumerate(kinds):
-        if kind == 1:  # random_repeat; token 0 is <|endoftext|>
-            out[b] = _repeat_sequence(rng, T, 1, cfg.small_vocab if phase1 else vocab)
+def _batch(cfg: TrainConfig, train: np.ndarray, rng: np.random.Generator, stage: int, vocab: int) -> torch.Tensor:
+    """One training batch of token ids for ``stage`` (see the module docstring)."""
+    if stage == 0:
+        return torch.from_numpy(np.stack([_rep(rng, 64, SETS[0] + 1) for _ in range(cfg.batch0)]))
+    T, rows = cfg.n_ctx, []
+    final = stage > len(SETS) - 1 or SETS[stage] >= vocab
+    for b in range(cfg.batch):
+        kind = (b % 4) if final else (b % 2) * 3  # final: 0,1 natural, 2 natural+copies, 3 random; else 0 / 3
+        if kind == 3:
+            hi = vocab if final else min(SETS[stage], vocab - 1) + 1
+            if final and cfg.long_repeats:  # copy distances up to n_ctx / 2, as in 50-token induction probes
+                x = rng.integers(1, hi, size=T)
+                n = int(rng.integers(10, T // 2 + 1))
+                s = int(rng.integers(0, T - 2 * n + 1))
+                x[s + n:s + 2 * n] = x[s:s + n]
+                rows.append(x)
+            else:
+                rows.append(np.concatenate([_rep(rng, 64, hi) for _ in range(T // 64)]))
             continue
-        s = rng.integers(0, train.size - T)
-        out[b] = train[s: s + T]
-        if kind == 2:  # natural_repeat: copy 1-3 spans of the window to later positions
-            for _ in range(rng.integers(1, 4)):
+        s = int(rng.integers(0, train.size - T))
+        x = train[s:s + T].copy()
+        if kind == 2:  # copy 1-3 spans of the window to later positions
+            for _ in range(int(rng.integers(1, 4))):
                 L = int(rng.integers(6, T // 5))
                 a = int(rng.integers(0, T - 2 * L - 1))
                 c = int(rng.integers(a + L, T - L))
-                out[b, c: c + L] = out[b, a: a + L]
-    offs = rng.integers(0, cfg.n_ctx - T + 1, size=(B, 1)) if phase1 else np.zeros((B, 1), dtype=np.int64)
-    return torch.from_numpy(out), torch.from_numpy(offs + np.arange(T))
+                x[c:c + L] = x[a:a + L]
+        rows.append(x)
+    return torch.from_numpy(np.stack(rows))
+
+
+def _set_mlp(model, on: bool) -> None:
+    for blk in model.transformer.h:
+        for q in blk.mlp.parameters():
+            q.requires_grad_(on)
 
 
 def train_model(build_dir: Path, cfg: TrainConfig = TrainConfig(), log=print) -> Path:
     """Train (or resume) the model; writes an HF checkpoint to ``build_dir/model``.
 
-    Returns the checkpoint directory. Resumes from ``build_dir/train_ckpt.pt``.
+    Returns the checkpoint directory. Resumes from ``build_dir/train_ckpt.pt``; raises
+    ``ValueError`` if that checkpoint was made with another config.
     """
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -131,70 +138,72 @@ def train_model(build_dir: Path, cfg: TrainConfig = TrainConfig(), log=print) ->
     hf_cfg = GPT2Config(
         vocab_size=vocab, n_positions=cfg.n_ctx, n_embd=cfg.d_model, n_layer=cfg.n_layers,
         n_head=cfg.n_heads, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, initializer_range=cfg.init_std,
+        tie_word_embeddings=False,
     )
     model = GPT2LMHeadModel(hf_cfg)
-    if cfg.pos_init == "sinusoidal":  # Vaswani et al. 2017 table, scaled to the init std of wte
-        with torch.no_grad():
-            model.transformer.wpe.weight.copy_(sinusoidal_table(cfg.n_ctx, cfg.d_model) * 0.1)
     model.config._attn_implementation = "sdpa"
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            betas=(0.9, 0.98))
+    with torch.no_grad():  # stage 0 is attention-only
+        for blk in model.transformer.h:
+            blk.mlp.c_proj.weight.zero_()
+            blk.mlp.c_proj.bias.zero_()
+    _set_mlp(model, False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ckpt_path = build_dir / "train_ckpt.pt"
-    start, history, switched_at = 0, [], None
+    start, history, stage = 0, [], 0
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, weights_only=False)
-        shared = set(ck["cfg"]) & set(asdict(cfg))
-        if any(ck["cfg"][k] != asdict(cfg)[k] for k in shared):
-            raise ValueError(f"{ckpt_path}: checkpoint config differs from the requested one")
+        if {k: v for k, v in ck["cfg"].items() if k != "steps"} != {k: v for k, v in asdict(cfg).items() if k != "steps"}:
+            raise ValueError(f"{ckpt_path}: checkpoint config differs from the requested one (only steps may grow)")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
-        start, history, switched_at = ck["step"], ck["history"], ck.get("switched_at")
-        log(f"resumed from step {start}")
+        start, history, stage = ck["step"], ck["history"], ck["stage"]
+        _set_mlp(model, stage > 0)
+        log(f"resumed from step {start} (stage {stage})")
     rng = np.random.default_rng([cfg.seed, start])
-
-    def lr_at(s: int) -> float:
-        if s < 200:
-            return cfg.lr * (s + 1) / 200
-        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
+    n_stages = next((i for i, v in enumerate(SETS) if v >= vocab), len(SETS) - 1) + 1  # the last is final
 
     t0, toks_seen = time.time(), 0
     model.train()
     for step in range(start, cfg.steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        phase1 = switched_at is None and step < cfg.max_warmup_steps
-        x, pos_ids = _make_batch(cfg, train, rng, phase1, vocab)
-        loss = model(x, labels=x, position_ids=pos_ids).loss
+        if cfg.seed_per_step:
+            rng = np.random.default_rng([cfg.seed, step])
+        x = _batch(cfg, train, rng, stage, vocab)
+        if stage == 0:  # a 64-token task: score only its logits
+            lo = model(x).logits[:, :-1, :SETS[0] + 1]
+            loss = torch.nn.functional.cross_entropy(lo.reshape(-1, SETS[0] + 1), x[:, 1:].reshape(-1))
+        else:
+            loss = model(x, labels=x).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         toks_seen += x.numel()
-        if (step + 1) % 50 == 0:
+        if (step + 1) % cfg.eval_every == 0:
             model.eval()
-            ind = head_scores(_Probe(model, vocab), [1])["induction"][0]  # [n_heads], layer 1
-            small = head_scores(_Probe(model, cfg.small_vocab), [0, 1])
-            ind_small, prev = small["induction"][1], small["previous_token"][0]
+            cur = min(SETS[min(stage, n_stages - 1)], vocab - 1) + 1
+            small = head_scores(_Probe(model, cur), [0, 1], seq_len=25)
+            full = head_scores(_Probe(model, vocab), [1])["induction"][0]
             model.train()
-            rec = {"step": step + 1, "loss": round(loss.item(), 4),
-                   "best_induction": round(ind.max().item(), 3),
-                   "best_head": f"1.{int(ind.argmax())}",
-                   "best_induction_small_set": round(ind_small.max().item(), 3),
-                   "best_prev_token_l0": round(prev.max().item(), 3),
-                   "tok_per_s": round(toks_seen / (time.time() - t0)), "phase": 1 if phase1 else 2}
-            if switched_at is None and (ind_small.max().item() >= cfg.induction_switch
-                                        or step + 1 >= cfg.max_warmup_steps):
-                switched_at = step + 1
+            ind_set = small["induction"][1].max().item()
+            rec = {"step": step + 1, "stage": stage, "loss": round(loss.item(), 4),
+                   "induction_token_set": round(ind_set, 3), "token_set": cur,
+                   "best_induction": round(full.max().item(), 3), "best_head": f"1.{int(full.argmax())}",
+                   "best_prev_token_l0": round(small["previous_token"][0].max().item(), 3),
+                   "tok_per_s": round(toks_seen / (time.time() - t0))}
+            if ind_set >= cfg.advance_at and stage < n_stages - 1:
+                stage += 1
+                _set_mlp(model, True)
+                rec["note"] = f"stage {stage} from step {step + 1}"
             history.append(rec)
             log(json.dumps(rec))
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
             torch.save({"cfg": asdict(cfg), "model": model.state_dict(), "opt": opt.state_dict(),
-                        "step": step + 1, "history": history, "switched_at": switched_at}, ckpt_path)
+                        "step": step + 1, "history": history, "stage": stage}, ckpt_path)
     out = build_dir / "model"
     model.save_pretrained(out)
     (build_dir / "train_history.json").write_text(json.dumps(
-        {"config": asdict(cfg), "switched_at": switched_at, "history": history}, indent=0))
+        {"config": asdict(cfg), "history": history}, indent=0))
     return out
 
 
@@ -203,4 +212,5 @@ if __name__ == "__main__":
 
     torch.set_num_threads(2)
     bd = Path(sys.argv[1] if len(sys.argv) > 1 else "build/default")
-    train_model(bd, log=lambda m: print(m, flush=True))
+    over = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}  # e.g. '{"steps": 8000}'
+    train_model(bd, TrainConfig(**over), log=lambda m: print(m, flush=True))
