@@ -83,9 +83,10 @@ class SAE:
         x = x.to(self.W_enc.dtype)
         if self.apply_b_dec_to_input:
             x = x - self.b_dec
-        pre = x @ self.W_enc + self.b_enc
+        shape = x.shape[:-1]
+        pre = torch.addmm(self.b_enc, x.reshape(-1, x.shape[-1]), self.W_enc).view(*shape, -1)  # one fused op
         if self.architecture == "standard":
-            return torch.relu(pre)
+            return pre.relu_()
         if self.architecture == "jumprelu":
             return torch.relu(pre) * (pre > self.threshold)
         vals, idx = torch.topk(pre, k=self.k, dim=-1, sorted=False)
