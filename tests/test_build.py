@@ -32,6 +32,7 @@ def test_stage_batches():
     assert rand.max() <= SETS[2] and all(_longest_copy(c) >= 10 for r in rand for c in r.reshape(-1, 64))
     xf = _batch(cfg, train, rng, 6, 4096).numpy()
     assert xf.max() < 4096 and all(_longest_copy(r) >= 10 for r in xf[3::4])  # long random repeats
+    assert all(_longest_copy(r) >= 10 for r in xf[1::4])  # natural spans followed by themselves
     assert all(len(set(map(tuple, np.lib.stride_tricks.sliding_window_view(r, 6)))) < len(r) - 5
                for r in xf[2::4])  # natural windows with copied spans repeat 6-grams
 
