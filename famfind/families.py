@@ -4,7 +4,9 @@ control group, and the rows a family detector returns (public: plugins may use i
 The shape follows Kissane et al. (2024)'s automated induction analysis: *selected* features
 have >= ``selection_threshold`` head attribution on one head of the role; *control*
 features are a random sample (``control_size``, all if fewer) of live features with less
-than ``control_max_attribution`` attribution to all heads of the role; both groups get the
+than ``control_max_attribution`` attribution to every head of the role (per head, as the
+selection rule is; with one role head this is the paper's "< 0.1 attribution to the induction
+head" of Kissane et al. 2024); both groups get the
 same behavioural test; the family is the selected features that pass.
 """
 
@@ -36,11 +38,11 @@ def attribution_groups(attribution: torch.Tensor, heads: list[int], live: torch.
     """
     if heads:
         on = attribution[:, heads]
-        best, total = on.max(1).values, on.sum(1)
+        best = on.max(1).values
     else:
-        best = total = torch.zeros(attribution.shape[0])
+        best = torch.zeros(attribution.shape[0])
     selected = live & (best >= selection_threshold) if heads else torch.zeros_like(live)
-    return Groups(selected, random_control(live & (total < control_max_attribution), control_size, generator), best)
+    return Groups(selected, random_control(live & (best < control_max_attribution), control_size, generator), best)
 
 
 def random_control(pool: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:

@@ -116,7 +116,7 @@ class InductionBehaviour(Heuristic):
 @dataclass(frozen=True)
 class SelectionOptions(Options):
     selection_threshold: float = 0.6  # attribution on one induction head, as in the paper
-    control_max_attribution: float = 0.1  # control: total attribution to induction heads below this
+    control_max_attribution: float = 0.1  # control: attribution to each induction head below this
     control_size: int = 500  # paper: 500 control features (all if fewer)
 
 
