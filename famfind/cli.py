@@ -385,7 +385,8 @@ def build_default(
 ):
     """Rebuild the embedded default from scratch (corpus, tokenizer, model, SAE, cards).
 
-    Not run by CI: about 1.5 h on 2 CPU cores. Fixed seeds; resumes from checkpoints.
+    Not run by CI: about 1.2 h on 2 CPU cores (model ~55 min, SAE ~10 min). Fixed seeds;
+    resumes from checkpoints.
     Example: famfind build-default --build-dir build/default --install
     """
     from famfind.build.pipeline import build_all
