@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from famfind.errors import FamfindError
+from famfind.llm import LLMConfig
 
 app = typer.Typer(help="Find and quantify feature families in attention-output (hook_z) SAEs.",
                   context_settings={"help_option_names": ["-h", "--help"]}, no_args_is_help=True,
@@ -133,12 +134,12 @@ def scan(
     label: Annotated[bool, typer.Option("--label", help="After the scan, label every family and cluster "
                                         "with an LLM (see `famfind label`).", rich_help_panel=LLM_PANEL)] = False,
     llm_base_url: BaseUrlOpt = None,
-    llm_model: ModelOpt = "gpt-4o-mini",
-    llm_api_key_env: KeyEnvOpt = "OPENAI_API_KEY",
-    llm_max_calls: MaxCallsOpt = 500,
-    llm_concurrency: ConcOpt = 4,
-    llm_timeout: TimeoutOpt = 60.0,
-    llm_retries: RetriesOpt = 4,
+    llm_model: ModelOpt = LLMConfig.model,
+    llm_api_key_env: KeyEnvOpt = LLMConfig.api_key_env,
+    llm_max_calls: MaxCallsOpt = LLMConfig.max_calls,
+    llm_concurrency: ConcOpt = LLMConfig.concurrency,
+    llm_timeout: TimeoutOpt = LLMConfig.timeout,
+    llm_retries: RetriesOpt = LLMConfig.max_retries,
     label_features: FeaturesOpt = None,
 ):
     """Scan an attention SAE: run the detectors, store tables in DuckDB, print the report.
@@ -150,8 +151,6 @@ def scan(
     from famfind.db import connect, write_scan
     from famfind.scan import ScanConfig, run_scan
     from reports.terminal import render
-
-    from famfind.llm import LLMConfig
 
     llm_cfg = LLMConfig(llm_model, llm_base_url, llm_api_key_env, llm_max_calls, llm_concurrency, llm_timeout,
                         llm_retries)
@@ -232,12 +231,12 @@ def label(
     db: DbOpt = Path("famfind.duckdb"),
     scan_id: Annotated[Optional[int], typer.Option(help="Scan to label (default: the latest).")] = None,
     llm_base_url: BaseUrlOpt = None,
-    llm_model: ModelOpt = "gpt-4o-mini",
-    llm_api_key_env: KeyEnvOpt = "OPENAI_API_KEY",
-    llm_max_calls: MaxCallsOpt = 500,
-    llm_concurrency: ConcOpt = 4,
-    llm_timeout: TimeoutOpt = 60.0,
-    llm_retries: RetriesOpt = 4,
+    llm_model: ModelOpt = LLMConfig.model,
+    llm_api_key_env: KeyEnvOpt = LLMConfig.api_key_env,
+    llm_max_calls: MaxCallsOpt = LLMConfig.max_calls,
+    llm_concurrency: ConcOpt = LLMConfig.concurrency,
+    llm_timeout: TimeoutOpt = LLMConfig.timeout,
+    llm_retries: RetriesOpt = LLMConfig.max_retries,
     features: Annotated[Optional[str], typer.Option("--features", help="Label these single features "
                                                     "(comma-separated ids).")] = None,
     only_features: Annotated[bool, typer.Option("--only-features", help="Skip families and clusters.")] = False,
@@ -251,14 +250,11 @@ def label(
     Example: famfind label --llm-base-url http://127.0.0.1:11434/v1 --llm-model llama3.1
     Example: famfind label --features 3,17 --only-features
     """
-    from famfind.db import connect, latest_scan_id
-    from famfind.llm import LLMConfig
+    from famfind.db import connect, resolve_scan_id
 
     con = connect(db, read_only=True)
     try:
-        sid = scan_id if scan_id is not None else latest_scan_id(con)
-        if not con.execute("SELECT count(*) FROM scans WHERE scan_id = ?", [sid]).fetchone()[0]:
-            raise FamfindError(db, f"no scan with scan_id {sid}")
+        sid = resolve_scan_id(con, db, scan_id)
     finally:
         con.close()
     cfg = LLMConfig(llm_model, llm_base_url, llm_api_key_env, llm_max_calls, llm_concurrency, llm_timeout,
@@ -325,14 +321,12 @@ def report(
 
     Example: famfind report --db famfind.duckdb --scan-id 1 --html report.html
     """
-    from famfind.db import connect, latest_scan_id
+    from famfind.db import connect, resolve_scan_id
     from reports.terminal import render
 
     con = connect(db, read_only=True)
     try:
-        sid = scan_id if scan_id is not None else latest_scan_id(con)
-        if not con.execute("SELECT count(*) FROM scans WHERE scan_id = ?", [sid]).fetchone()[0]:
-            raise FamfindError(db, f"no scan with scan_id {sid}")
+        sid = resolve_scan_id(con, db, scan_id)
         render(con, sid, Console())
         if html is not None:
             from reports.html import render_html

@@ -288,6 +288,15 @@ def write_scan(db_path: str | Path, result) -> int:
             pass
 
 
+def resolve_scan_id(con, db_path, scan_id: int | None) -> int:
+    """``scan_id`` if the database holds it, else (``None``) the latest scan; raises
+    ``FamfindError`` naming ``db_path`` otherwise."""
+    sid = scan_id if scan_id is not None else latest_scan_id(con)
+    if not con.execute("SELECT count(*) FROM scans WHERE scan_id = ?", [sid]).fetchone()[0]:
+        raise FamfindError(db_path, f"no scan with scan_id {sid}")
+    return sid
+
+
 def latest_scan_id(con) -> int:
     try:
         row = con.execute("SELECT max(scan_id) FROM scans").fetchall()[0]
