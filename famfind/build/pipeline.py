@@ -124,10 +124,12 @@ unembedding), then a curriculum:
    repeats over token sets of 128, 256, ... ids, each stage ending when the induction score on
    its set reaches {tc['advance_at']};
 3. *final*: 50% natural text, 25% natural text with spans copied later in the window, 25%
-   random repeats over the whole vocabulary, to step {tc['steps']}.
+   random repeats over the whole vocabulary, to step {tc['steps']}; from step {tc.get('long_natural_from')} one natural
+   quarter is a natural span of 10-128 tokens followed by itself.
 
 AdamW lr {tc['lr']}, weight decay {tc['weight_decay']}, gradient clipping 1.0, seed {tc['seed']}.
-Stage changes: {'; '.join(notes) or 'none'}.
+Stage changes: {'; '.join(notes) or 'none'}. The run was trained to step 5000, then extended (resumes
+re-seed the batch stream at steps {tc.get('reseed_at')}, recorded in the config so a rebuild repeats them).
 Last logged evaluation: {last}.
 
 Why this recipe: with GPT-2's initialisation (std 0.02, tied embeddings) the same warm-up grew

@@ -26,9 +26,12 @@ on a small token set, then a curriculum that widens the token set while natural 
   when the final stage began (score on the whole vocabulary 0.6 -> 0.10 over 1,200 steps)
   and was stopped.
 
-The shipped model is this recipe run to 5,000 steps and then extended to 8,000; a resume
-re-seeds the batch stream with (seed, step), which ``reseed_at`` records so that a
-from-scratch build repeats it.
+The shipped model is this recipe run to 5,000 steps, extended to 8,000, then extended to
+10,000 with ``long_natural_from`` = 8,000: from there one natural quarter of each batch is a
+natural span of 10..128 tokens followed by itself (the repeated-text bar had levelled off at a
+second/first-copy loss ratio of ~0.66 between steps 6,500 and 8,000; it fell to 0.49 by step
+9,600). A resume re-seeds the batch stream with (seed, step), which ``reseed_at`` records so
+that a from-scratch build repeats it.
 
 AdamW (lr ``lr``, weight decay ``weight_decay``), gradient clipping at 1.0, seed ``seed``;
 head scores (:mod:`famfind.roles`) logged every ``eval_every`` steps; checkpoints every
@@ -59,7 +62,7 @@ class TrainConfig:
     n_ctx: int = 256
     batch: int = 16
     batch0: int = 32
-    steps: int = 8000
+    steps: int = 10000
     lr: float = 1e-3
     weight_decay: float = 0.01
     init_std: float = 0.8 / 128 ** 0.5  # TransformerLens's default: 0.8 / sqrt(d_model)
@@ -70,8 +73,10 @@ class TrainConfig:
     long_repeats: bool = False  # final stage: a random and a natural span of 10..n_ctx/2 tokens repeated right
     #                              after itself (instead of 64-token random chunks and plain natural text)
     seed_per_step: bool = False  # batch of step s drawn from rng(seed, s): resuming never changes the run
-    reseed_at: tuple[int, ...] = (5000,)  # re-seed the batch stream with (seed, step) here, as a resume does
-    #                                       (the shipped model was trained to 5000 steps, then extended)
+    long_natural_from: int | None = 8000  # from this step, final-stage natural rows (one quarter) are a
+    #                                        natural span of 10..n_ctx/2 tokens followed by itself
+    reseed_at: tuple[int, ...] = (5000, 8000)  # re-seed the batch stream with (seed, step) here, as a resume
+    #                                            does (the shipped model was trained to 5000, then extended twice)
 
 
 class _Probe:
@@ -101,7 +106,8 @@ def _rep(rng: np.random.Generator, T: int, hi: int) -> np.ndarray:
     return x
 
 
-def _batch(cfg: TrainConfig, train: np.ndarray, rng: np.random.Generator, stage: int, vocab: int) -> torch.Tensor:
+def _batch(cfg: TrainConfig, train: np.ndarray, rng: np.random.Generator, stage: int, vocab: int,
+           step: int = 0) -> torch.Tensor:
     """One training batch of token ids for ``stage`` (see the module docstring)."""
     if stage == 0:
         return torch.from_numpy(np.stack([_rep(rng, 64, SETS[0] + 1) for _ in range(cfg.batch0)]))
@@ -122,7 +128,8 @@ def _batch(cfg: TrainConfig, train: np.ndarray, rng: np.random.Generator, stage:
             continue
         s = int(rng.integers(0, train.size - T))
         x = train[s:s + T].copy()
-        if kind == 1 and final and cfg.long_repeats:  # a natural span of 10..n_ctx/2 tokens, then again
+        long_nat = cfg.long_repeats or (cfg.long_natural_from is not None and step >= cfg.long_natural_from)
+        if kind == 1 and final and long_nat:  # a natural span of 10..n_ctx/2 tokens, then again
             n = int(rng.integers(10, T // 2 + 1))
             x[n:2 * n] = x[:n]
         if kind == 2:  # copy 1-3 spans of the window to later positions
@@ -170,7 +177,7 @@ def train_model(build_dir: Path, cfg: TrainConfig = TrainConfig(), log=print) ->
     start, history, stage = 0, [], 0
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, weights_only=False)
-        same = ("steps", "reseed_at")  # a run may be extended; its resume point is then recorded in reseed_at
+        same = ("steps", "reseed_at", "long_natural_from")  # a run may be extended; its resume point is then recorded in reseed_at
         old = {**asdict(TrainConfig()), **ck["cfg"]}  # fields added since take their defaults
         old["reseed_at"] = tuple(old["reseed_at"])
         if {k: v for k, v in old.items() if k not in same} != {k: v for k, v in asdict(cfg).items() if k not in same}:
@@ -188,7 +195,7 @@ def train_model(build_dir: Path, cfg: TrainConfig = TrainConfig(), log=print) ->
     for step in range(start, cfg.steps):
         if cfg.seed_per_step or (step in cfg.reseed_at and step != start):
             rng = np.random.default_rng([cfg.seed, step])
-        x = _batch(cfg, train, rng, stage, vocab)
+        x = _batch(cfg, train, rng, stage, vocab, step)
         if stage == 0:  # a 64-token task: score only its logits
             lo = model(x).logits[:, :-1, :SETS[0] + 1]
             loss = torch.nn.functional.cross_entropy(lo.reshape(-1, SETS[0] + 1), x[:, 1:].reshape(-1))
