@@ -188,16 +188,17 @@ def activation_pass(model, sae: SAE, corpus: TokenCorpus, batch_size: int = 32, 
             keep = srt[rank < n_sample]
             r_k = rank[rank < n_sample]
             kb, kt, kf = b[keep], t[keep], f[keep]
+            slot = (r_k.cpu(), kf.cpu())  # (rank, feature) of each kept entry
             new_key = torch.full((n_sample, F), float("inf"))
-            new_key[r_k.cpu(), kf.cpu()] = key[keep].cpu()
+            new_key[slot] = key[keep].cpu()
             new_a = torch.zeros(n_sample, F)
-            new_a[r_k.cpu(), kf.cpu()] = acts[kb, kt, kf].float().cpu()
+            new_a[slot] = acts[kb, kt, kf].float().cpu()
             new_s = torch.full((n_sample, F), -1, dtype=torch.long)
-            new_s[r_k.cpu(), kf.cpu()] = (kb + start).cpu()
+            new_s[slot] = (kb + start).cpu()
             new_p = torch.full((n_sample, F), -1, dtype=torch.long)
-            new_p[r_k.cpu(), kf.cpu()] = kt.cpu()
+            new_p[slot] = kt.cpu()
             new_w = torch.zeros(n_sample, F, W, dtype=torch.float16)
-            new_w[r_k.cpu(), kf.cpu()] = window_acts(flat, kb, kt, kf, T).cpu()
+            new_w[slot] = window_acts(flat, kb, kt, kf, T).cpu()
             o = torch.cat([samp_key, new_key]).topk(n_sample, dim=0, largest=False).indices
             samp_key = torch.cat([samp_key, new_key]).gather(0, o)
             samp_a = torch.cat([samp_a, new_a]).gather(0, o)

@@ -25,7 +25,7 @@ cached in ``llm_cache`` (see :mod:`famfind.llm`).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import polars as pl
 
@@ -58,8 +58,6 @@ class Target:
     exemplars: list[int]
     members: list[int]
     feature: int | None = None
-    held_out_pos: list[str] = field(default_factory=list)
-    held_out_neg: list[str] = field(default_factory=list)
 
 
 def balanced_accuracy(truth: list[bool], guess: list[bool]) -> tuple[float, int, int]:
