@@ -26,8 +26,8 @@ import torch
 from famfind.corpus import default_dir, load_corpus
 from famfind.model import HFGPT2Model
 from famfind.sae import load_sae
-from heuristics.attribution import direct_logits
-from heuristics.induction import behaviour_checks
+from famfind.heuristics.attribution import direct_logits
+from famfind.heuristics.induction import behaviour_checks
 
 
 @torch.no_grad()

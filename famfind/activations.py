@@ -1,10 +1,14 @@
 """The activation pass: stream a corpus through the model up to the SAE's layer, encode.
 
-One pass serves every detector: per batch, ``blocks.{L}.attn.hook_z`` is captured
-(the forward stops at layer ``L``; no autograd), encoded by the SAE, folded into
-:class:`FeatureStats`, and handed to each observing detector. Memory is O(d_sae * top_k)
-plus one batch, whatever the corpus size; the same path serves a GPT-2-small SAE
-(24,576 features, 10M tokens) on a GPU with ``device="cuda"``.
+One pass serves every detector: per batch, ``blocks.{L}.attn.hook_z`` is captured (the
+forward stops at layer ``L``; no autograd; :func:`encode_hook`), encoded by the SAE and
+handed to a set of *accumulators* (counts and density, activation histogram, top-k
+examples, reservoir sample, random contexts) and to each observing detector. Every
+accumulator has ``update(batch)``, ``merge(other)`` and ``finalize()``, so a corpus split
+into shards (sequence ranges, one process or many machines) gives exactly one pass's
+answer: counts, histograms and top-k examples are equal (ties broken by corpus position),
+float sums agree to rounding. Memory is O(d_sae * (top_k + n_sample) * 16) plus one batch,
+whatever the corpus size.
 """
 
 from __future__ import annotations
@@ -15,8 +19,12 @@ from typing import Callable
 
 import torch
 
-from famfind.corpus import TokenCorpus
 from famfind.sae import SAE
+
+HIST_EDGES = torch.logspace(-3, 3, 25)  # activation histogram bin edges (log-spaced)
+WINDOW = (-12, 4)  # example windows: 12 tokens before the position to 3 after (offsets [-12, 4))
+W = WINDOW[1] - WINDOW[0]
+EMPTY = torch.iinfo(torch.long).max  # corpus index of an empty top-k slot (sorts last)
 
 
 @dataclass
@@ -38,9 +46,19 @@ class ActivationBatch:
         in row-major order; computed once per batch and shared by every observer."""
         return torch.nonzero(self.acts > 0, as_tuple=True)
 
+    @property
+    def start(self) -> int:
+        """Corpus row of the batch's first sequence (batches are contiguous row ranges)."""
+        return int(self.seq_idx[0])
 
-HIST_EDGES = torch.logspace(-3, 3, 25)  # activation histogram bin edges (log-spaced)
-WINDOW = (-12, 4)  # example windows: 12 tokens before the position to 3 after (offsets [-12, 4))
+
+@torch.no_grad()
+def encode_hook(model, sae: SAE, tokens: torch.Tensor, ablate=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``model`` to the SAE's hook and encode: ``(z [batch, pos, n_heads, d_head],
+    acts [batch, pos, d_sae])``. ``tokens [batch, pos]`` on the model's device; ``ablate``
+    as :meth:`famfind.model.AttnModel.run_hook_z`. The one path from tokens to SAE features."""
+    z = model.run_hook_z(tokens, sae.layer, ablate=ablate) if ablate else model.run_hook_z(tokens, sae.layer)
+    return z, sae.encode(z.flatten(-2))
 
 
 def window_acts(flat: torch.Tensor, b: torch.Tensor, t: torch.Tensor, f: torch.Tensor, T: int) -> torch.Tensor:
@@ -57,24 +75,200 @@ def window_acts(flat: torch.Tensor, b: torch.Tensor, t: torch.Tensor, f: torch.T
     return (flat[idx, f[:, None]] * ok).half()
 
 
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (two multiply-xorshift rounds) of int64 ``x`` in [0, 2^32)."""
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+    return (x >> 16) ^ x
+
+
+def position_keys(seed: int, seq: torch.Tensor, pos: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+    """Uniform random keys in [0, 1), float64 with 52 random bits, that depend only on
+    ``(seed, seq, pos, feature)``: the reservoir sample is the same however the corpus is
+    split into shards."""
+    h = _mix32((seq.long() * 0x9E3779B1 + seed) & 0xFFFFFFFF)
+    h = _mix32(h ^ pos.long())
+    h1 = _mix32(h ^ feature.long())
+    h2 = _mix32(h1 ^ 0x5BD1E995)
+    return ((h1 << 20) | (h2 >> 12)).double() / float(1 << 52)
+
+
+def best_rows(keys: list[torch.Tensor], vals: list[torch.Tensor], k: int, largest: bool) -> list[torch.Tensor]:
+    """Per column, the ``k`` rows ranked first by ``keys`` (``keys[0]`` decides, later keys
+    break its ties; each ``[n, d_sae]``), smallest first unless ``largest``; returns ``vals``
+    gathered to ``[k, d_sae, ...]``."""
+    order = None
+    for key in reversed(keys):  # stable sorts from the least to the most significant key
+        cur = key if order is None else key.gather(0, order)
+        o = cur.argsort(dim=0, descending=largest and key is keys[0], stable=True)
+        order = o if order is None else order.gather(0, o)
+    order = order[:k]
+    return [v.gather(0, order if v.dim() == 2 else order[..., None].expand(-1, -1, v.shape[-1])) for v in vals]
+
+
+class Counts:
+    """Fire counts, activation sums and maxima, L0 and the mean hook_z (for mean-ablation)."""
+
+    def __init__(self, d_sae: int, n_heads: int, d_head: int, device):
+        self.fire = torch.zeros(d_sae, dtype=torch.long, device=device)
+        self.asum = torch.zeros(d_sae, dtype=torch.float64, device=device)
+        self.amax = torch.zeros(d_sae, device=device)
+        self.zsum = torch.zeros(n_heads, d_head, dtype=torch.float64, device=device)
+        self.l0 = 0
+        self.n_tokens = 0
+
+    def update(self, batch: ActivationBatch) -> None:
+        flat = batch.acts.reshape(-1, batch.acts.shape[-1])
+        n_fire = (flat > 0).sum(0)
+        self.fire += n_fire
+        self.asum += flat.sum(0, dtype=torch.float64)
+        self.amax = torch.maximum(self.amax, flat.max(0).values)
+        self.zsum += batch.z.sum(dim=(0, 1), dtype=torch.float64)
+        self.l0 += int(n_fire.sum())
+        self.n_tokens += flat.shape[0]
+
+    def merge(self, o: Counts) -> None:
+        self.fire += o.fire.to(self.fire.device)
+        self.asum += o.asum.to(self.asum.device)
+        self.amax = torch.maximum(self.amax, o.amax.to(self.amax.device))
+        self.zsum += o.zsum.to(self.zsum.device)
+        self.l0 += o.l0
+        self.n_tokens += o.n_tokens
+
+
+class Histogram:
+    """Counts of positive activations per log-spaced bin (:data:`HIST_EDGES`), ``[d_sae, 26]``."""
+
+    def __init__(self, d_sae: int, device):
+        self.edges = HIST_EDGES.to(device)
+        self.nb = HIST_EDGES.numel() + 1
+        self.count = torch.zeros(d_sae * self.nb, dtype=torch.long, device=device)
+
+    def update(self, batch: ActivationBatch) -> None:
+        b, t, f = batch.firing
+        self.count.index_add_(0, f * self.nb + torch.bucketize(batch.acts[b, t, f], self.edges), torch.ones_like(f))
+
+    def merge(self, o: Histogram) -> None:
+        self.count += o.count.to(self.count.device)
+
+
+class TopK:
+    """Each feature's ``k`` highest activations with their corpus position and window;
+    ties go to the earlier corpus position (``seq * seq_len + pos``), so the result does not
+    depend on batching or sharding."""
+
+    def __init__(self, k: int, d_sae: int, T: int, device):
+        self.k, self.T = k, T
+        self.acts = torch.zeros(k, d_sae, device=device)
+        self.idx = torch.full((k, d_sae), EMPTY, dtype=torch.long, device=device)
+        self.win = torch.zeros(k, d_sae, W, dtype=torch.float16, device=device)
+
+    def update(self, batch: ActivationBatch) -> None:
+        flat = batch.acts.reshape(-1, batch.acts.shape[-1])
+        k = min(self.k, flat.shape[0])
+        v, i = flat.topk(k, dim=0)  # [k, d_sae]
+        thr = v[-1]  # a feature whose k-th value is tied with an unselected entry: redo it stably
+        tied = torch.nonzero((thr > 0) & ((flat == thr).sum(0) > (v == thr).sum(0))).flatten()
+        for f in tied.tolist():
+            vs, is_ = flat[:, f].sort(descending=True, stable=True)
+            v[:, f], i[:, f] = vs[:k], is_[:k]
+        F = flat.shape[1]
+        fidx = torch.arange(F, device=flat.device).expand(k, F)
+        win = window_acts(flat, (i // self.T).flatten(), (i % self.T).flatten(), fidx.flatten(), self.T).view(k, F, W)
+        self._fold(v, i + batch.start * self.T, win)
+
+    def _fold(self, acts, idx, win) -> None:
+        self.acts, self.idx, self.win = best_rows(
+            [torch.cat([self.acts, acts.to(self.acts.device)]), torch.cat([self.idx, idx.to(self.idx.device)])],
+            [torch.cat([self.acts, acts.to(self.acts.device)]), torch.cat([self.idx, idx.to(self.idx.device)]),
+             torch.cat([self.win, win.to(self.win.device)])], self.k, largest=True)
+
+    def merge(self, o: TopK) -> None:
+        self._fold(o.acts, o.idx, o.win)
+
+
+class Reservoir:
+    """A uniform random sample without replacement of each feature's firing positions
+    (``n`` per feature): the positions with the ``n`` smallest :func:`position_keys`."""
+
+    def __init__(self, n: int, d_sae: int, T: int, seed: int, device):
+        self.n, self.T, self.seed = n, T, seed
+        self.key = torch.full((n, d_sae), float("inf"), dtype=torch.float64, device=device)
+        self.acts = torch.zeros(n, d_sae, device=device)
+        self.idx = torch.full((n, d_sae), EMPTY, dtype=torch.long, device=device)
+        self.win = torch.zeros(n, d_sae, W, dtype=torch.float16, device=device)
+
+    def update(self, batch: ActivationBatch) -> None:
+        if not self.n:
+            return
+        b, t, f = batch.firing
+        key = position_keys(self.seed, b + batch.start, t, f)
+        o1 = key.argsort()
+        srt = o1[f[o1].argsort(stable=True)]  # grouped by feature, keys ascending within a feature
+        fs = f[srt]
+        rank = torch.arange(fs.numel(), device=fs.device) - torch.searchsorted(fs, fs, right=False)
+        keep = srt[rank < self.n]
+        slot = (rank[rank < self.n], f[keep])  # (rank, feature) of each kept entry
+        kb, kt, kf = b[keep], t[keep], f[keep]
+        F = self.key.shape[1]
+        dev = f.device
+        new_key = torch.full((self.n, F), float("inf"), dtype=torch.float64, device=dev)
+        new_key[slot] = key[keep]
+        new_a = torch.zeros(self.n, F, device=dev)
+        new_a[slot] = batch.acts[kb, kt, kf].float()
+        new_i = torch.full((self.n, F), EMPTY, dtype=torch.long, device=dev)
+        new_i[slot] = (kb + batch.start) * self.T + kt
+        new_w = torch.zeros(self.n, F, W, dtype=torch.float16, device=dev)
+        new_w[slot] = window_acts(batch.acts.reshape(-1, F), kb, kt, kf, self.T)
+        self._fold(new_key, new_a, new_i, new_w)
+
+    def _fold(self, key, acts, idx, win) -> None:
+        d = self.key.device
+        cat = [torch.cat([a, b.to(d)]) for a, b in ((self.key, key), (self.acts, acts), (self.idx, idx),
+                                                      (self.win, win))]
+        self.key, self.acts, self.idx, self.win = best_rows([cat[0], cat[2]], cat, self.n, largest=False)
+
+    def merge(self, o: Reservoir) -> None:
+        self._fold(o.key, o.acts, o.idx, o.win)
+
+
+class RandomContexts:
+    """``n`` random corpus positions (chosen over the whole corpus from ``seed``) and the
+    features active at each; each shard fills the positions inside its rows."""
+
+    def __init__(self, n: int, n_seq: int, T: int, seed: int):
+        n = min(n, n_seq * T)
+        rnd = torch.randperm(n_seq * T, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+        self.seq, self.pos = rnd // T, rnd % T
+        self.active: dict[int, list[int]] = {}
+
+    def update(self, batch: ActivationBatch) -> None:
+        lo, hi = batch.start, batch.start + batch.tokens.shape[0]
+        for j in torch.nonzero((self.seq >= lo) & (self.seq < hi)).flatten().tolist():
+            row = batch.acts[int(self.seq[j]) - lo, int(self.pos[j])]
+            self.active[j] = torch.nonzero(row > 0).flatten().tolist()
+
+    def merge(self, o: RandomContexts) -> None:
+        self.active.update(o.active)
+
+
 @dataclass
 class FeatureStats:
     """Per-feature statistics over the scanned corpus (all tensors on CPU).
 
     ``fire_count [d_sae]`` positions with activation > 0; ``act_sum``/``act_max [d_sae]``;
-    ``top_acts/top_seq/top_pos [top_k, d_sae]`` the top-activating positions (act 0 = none);
+    ``top_acts/top_seq/top_pos [top_k, d_sae]`` the top-activating positions, highest first
+    (act 0 and seq -1 = none); ``top_win [top_k, d_sae, 16]`` the feature's activation on each
+    token of the window (:data:`WINDOW`) around each (float16);
     ``mean_z [n_heads, d_head]`` mean hook_z over all positions (for mean-ablation);
-    ``l0_sum`` sum over positions of active-feature counts; ``n_tokens`` positions seen;
-    ``hist [d_sae, len(HIST_EDGES) + 1]`` counts of positive activations per log-spaced bin
-    (:data:`HIST_EDGES`; first bin below 1e-3, last above 1e3);
-    ``top_win [top_k, d_sae, 16]`` the feature's activation on each token of the window
-    (:data:`WINDOW`) around each top example (float16);
-    ``sample_acts/sample_seq/sample_pos [n_sample, d_sae]`` and ``sample_win
-    [n_sample, d_sae, 16]``: a uniform random sample, without replacement, of each feature's
-    firing positions (reservoir sampling by random keys; seq -1 = empty slot), so examples
-    from every activation quantile are at hand (sample_acts sorted descending);
-    ``random_seq/random_pos [n_random]`` random corpus positions and ``random_active`` the
-    list of features firing at each (non-activating contexts for the detection score).
+    ``l0_sum`` active (position, feature) pairs; ``n_tokens`` positions seen;
+    ``hist [d_sae, len(hist_edges) + 1]`` counts of positive activations per bin
+    (``hist_edges``: :data:`HIST_EDGES`; first bin below 1e-3, last above 1e3);
+    ``sample_acts/sample_seq/sample_pos [n_sample, d_sae]`` and ``sample_win [n_sample,
+    d_sae, 16]``: a uniform random sample without replacement of each feature's firing
+    positions (seq -1 = empty slot), highest activation first, so examples from every
+    activation quantile are at hand; ``random_seq/random_pos [n_random]`` random corpus
+    positions and ``random_active`` the features firing at each.
     """
 
     fire_count: torch.Tensor
@@ -83,18 +277,19 @@ class FeatureStats:
     top_acts: torch.Tensor
     top_seq: torch.Tensor
     top_pos: torch.Tensor
+    top_win: torch.Tensor
     mean_z: torch.Tensor
-    l0_sum: float
+    l0_sum: int
     n_tokens: int
-    hist: torch.Tensor | None = None
-    top_win: torch.Tensor | None = None
-    sample_acts: torch.Tensor | None = None
-    sample_seq: torch.Tensor | None = None
-    sample_pos: torch.Tensor | None = None
-    sample_win: torch.Tensor | None = None
-    random_seq: torch.Tensor | None = None
-    random_pos: torch.Tensor | None = None
-    random_active: list[list[int]] | None = None
+    hist: torch.Tensor
+    hist_edges: torch.Tensor
+    sample_acts: torch.Tensor
+    sample_seq: torch.Tensor
+    sample_pos: torch.Tensor
+    sample_win: torch.Tensor
+    random_seq: torch.Tensor
+    random_pos: torch.Tensor
+    random_active: list[list[int]]
 
     @property
     def density(self) -> torch.Tensor:
@@ -112,114 +307,64 @@ class FeatureStats:
         return self.l0_sum / max(self.n_tokens, 1)
 
 
-def activation_pass(model, sae: SAE, corpus: TokenCorpus, batch_size: int = 32, top_k: int = 10,
+class PassState:
+    """The accumulators of one pass (or one shard of it): ``update(batch)`` per batch,
+    ``merge(other)`` to fold in another shard, ``finalize()`` -> :class:`FeatureStats`."""
+
+    def __init__(self, sae: SAE, n_heads: int, n_seq: int, T: int, top_k: int = 10, n_sample: int = 20,
+                 n_random: int = 256, seed: int = 0, device="cpu"):
+        F = sae.d_sae
+        self.T = T
+        self.counts = Counts(F, n_heads, sae.d_in // n_heads, device)
+        self.hist = Histogram(F, device)
+        self.top = TopK(top_k, F, T, device)
+        self.sample = Reservoir(n_sample, F, T, seed, device)
+        self.random = RandomContexts(n_random, n_seq, T, seed)
+        self.parts = (self.counts, self.hist, self.top, self.sample, self.random)
+
+    def update(self, batch: ActivationBatch) -> None:
+        for p in self.parts:
+            p.update(batch)
+
+    def merge(self, other: PassState) -> None:
+        for p, q in zip(self.parts, other.parts):
+            p.merge(q)
+
+    def finalize(self) -> FeatureStats:
+        c, T = self.counts, self.T
+        top_a, top_i, top_w = (x.cpu() for x in (self.top.acts, self.top.idx, self.top.win))
+        none = top_a <= 0
+        top_s = torch.where(none, -1, top_i // T)
+        top_p = torch.where(none, -1, top_i % T)
+        top_w[none] = 0
+        s = self.sample  # the sample ordered by activation (ties: by key), empty slots last
+        sa, si, sw = best_rows([s.acts.cpu(), s.key.cpu()], [s.acts.cpu(), s.idx.cpu(), s.win.cpu()], s.n, largest=True) \
+            if s.n else (s.acts.cpu(), s.idx.cpu(), s.win.cpu())
+        empty = si == EMPTY
+        return FeatureStats(
+            c.fire.cpu(), c.asum.cpu(), c.amax.cpu(), top_a, top_s, top_p, top_w,
+            (c.zsum / max(c.n_tokens, 1)).float().cpu(), c.l0, c.n_tokens,
+            self.hist.count.view(-1, self.hist.nb).cpu(), HIST_EDGES.clone(),
+            sa, torch.where(empty, -1, si // T), torch.where(empty, -1, si % T), sw,
+            self.random.seq, self.random.pos, [self.random.active.get(j, []) for j in range(self.random.seq.numel())])
+
+
+def activation_pass(model, sae: SAE, tokens: torch.Tensor, state: PassState, batch_size: int = 32,
                     observers: list[Callable[[ActivationBatch], None]] = (),
                     progress: Callable[[int], None] | None = None, device: str = "cpu",
-                    n_sample: int = 20, n_random: int = 256, seed: int = 0) -> FeatureStats:
-    """Run the pass; returns :class:`FeatureStats`. ``progress(n_seqs_done)`` per batch.
-
-    ``top_k`` top examples and ``n_sample`` uniformly sampled firing positions per feature
-    (with their activation windows), and ``n_random`` random corpus positions (seeded by
-    ``seed``) with the features active there, are kept for example-based reports and
-    labelling. Memory: O(d_sae * (top_k + n_sample) * 16) plus one batch.
-    """
-    layer, F = sae.layer, sae.d_sae
-    n_seq, T = corpus.tokens.shape
-    fire = torch.zeros(F, dtype=torch.long)
-    asum = torch.zeros(F, dtype=torch.float64)
-    amax = torch.zeros(F)
-    top_a = torch.zeros(top_k, F)
-    top_s = torch.full((top_k, F), -1, dtype=torch.long)
-    top_p = torch.full((top_k, F), -1, dtype=torch.long)
-    zsum = None
-    l0 = 0.0
-    nb = HIST_EDGES.numel() + 1
-    hist = torch.zeros(F * nb, dtype=torch.long, device=device)
-    edges = HIST_EDGES.to(device)
-    W = WINDOW[1] - WINDOW[0]
-    top_w = torch.zeros(top_k, F, W, dtype=torch.float16)
-    gen = torch.Generator().manual_seed(seed)
-    samp_key = torch.full((n_sample, F), float("inf"))
-    samp_a = torch.zeros(n_sample, F)
-    samp_s = torch.full((n_sample, F), -1, dtype=torch.long)
-    samp_p = torch.full((n_sample, F), -1, dtype=torch.long)
-    samp_w = torch.zeros(n_sample, F, W, dtype=torch.float16)
-    n_random = min(n_random, n_seq * T)
-    rnd = torch.randperm(n_seq * T, generator=gen)[:n_random].sort().values
-    rnd_seq, rnd_pos = rnd // T, rnd % T
-    rnd_active: list[list[int]] = [[] for _ in range(n_random)]
-    for start in range(0, n_seq, batch_size):
-        toks = corpus.tokens[start:start + batch_size].to(device)
-        B = toks.shape[0]
-        z = model.run_hook_z(toks, layer)  # [batch, pos, n_heads, d_head]
-        acts = sae.encode(z.flatten(-2))  # [batch, pos, d_sae]
-        flat = acts.reshape(-1, F)
-        active = flat > 0
-        fire += active.sum(0).cpu()
-        asum += flat.sum(0, dtype=torch.float64).cpu()
-        amax = torch.maximum(amax, flat.max(0).values.cpu())
-        l0 += active.sum().item()
-        batch = ActivationBatch(torch.arange(start, start + B), toks, z, acts)
-        b, t, f = batch.firing  # histogram from the firing entries only
-        hist.index_add_(0, f * nb + torch.bucketize(acts[b, t, f], edges), torch.ones_like(f))
-        zs = z.sum(dim=(0, 1), dtype=torch.float64).cpu()
-        zsum = zs if zsum is None else zsum + zs
-        # streaming top-k per feature: merge this batch's best with the running best
-        k = min(top_k, flat.shape[0])
-        v, i = flat.topk(k, dim=0)  # [k, d_sae]
-        seq = (i // T + start).cpu()
-        pos = (i % T).cpu()
-        fidx = torch.arange(F, device=flat.device).expand(k, F)
-        win = window_acts(flat, (i // T).flatten(), (i % T).flatten(), fidx.flatten(), T).view(k, F, W).cpu()
-        cat_a = torch.cat([top_a, v.cpu()])
-        order = cat_a.topk(top_k, dim=0).indices
-        top_a = cat_a.gather(0, order)
-        top_s = torch.cat([top_s, seq]).gather(0, order)
-        top_p = torch.cat([top_p, pos]).gather(0, order)
-        top_w = torch.cat([top_w, win]).gather(0, order[..., None].expand(-1, -1, W))
-        if n_sample:  # reservoir sample by random keys: keep each feature's n_sample smallest keys
-            key = torch.rand(f.numel(), generator=gen).to(f.device)
-            o1 = key.argsort()
-            o2 = f[o1].argsort(stable=True)
-            srt = o1[o2]  # grouped by feature, keys ascending within a feature
-            fs = f[srt]
-            first = torch.searchsorted(fs, fs, right=False)
-            rank = torch.arange(fs.numel(), device=fs.device) - first
-            keep = srt[rank < n_sample]
-            r_k = rank[rank < n_sample]
-            kb, kt, kf = b[keep], t[keep], f[keep]
-            slot = (r_k.cpu(), kf.cpu())  # (rank, feature) of each kept entry
-            new_key = torch.full((n_sample, F), float("inf"))
-            new_key[slot] = key[keep].cpu()
-            new_a = torch.zeros(n_sample, F)
-            new_a[slot] = acts[kb, kt, kf].float().cpu()
-            new_s = torch.full((n_sample, F), -1, dtype=torch.long)
-            new_s[slot] = (kb + start).cpu()
-            new_p = torch.full((n_sample, F), -1, dtype=torch.long)
-            new_p[slot] = kt.cpu()
-            new_w = torch.zeros(n_sample, F, W, dtype=torch.float16)
-            new_w[slot] = window_acts(flat, kb, kt, kf, T).cpu()
-            o = torch.cat([samp_key, new_key]).topk(n_sample, dim=0, largest=False).indices
-            samp_key = torch.cat([samp_key, new_key]).gather(0, o)
-            samp_a = torch.cat([samp_a, new_a]).gather(0, o)
-            samp_s = torch.cat([samp_s, new_s]).gather(0, o)
-            samp_p = torch.cat([samp_p, new_p]).gather(0, o)
-            samp_w = torch.cat([samp_w, new_w]).gather(0, o[..., None].expand(-1, -1, W))
-        in_b = torch.nonzero((rnd_seq >= start) & (rnd_seq < start + B)).flatten().tolist()
-        for j in in_b:
-            rnd_active[j] = torch.nonzero(acts[int(rnd_seq[j]) - start, int(rnd_pos[j])] > 0).flatten().tolist()
+                    rows: tuple[int, int] | None = None) -> PassState:
+    """Stream corpus ``rows`` ``[lo, hi)`` (all by default) of ``tokens [n_seq, seq_len]``
+    through ``model`` to the SAE's hook in batches of ``batch_size`` sequences; each batch
+    updates ``state`` and is handed to every observer. ``progress(n_seqs_done)`` per batch.
+    Returns ``state``."""
+    lo, hi = rows or (0, tokens.shape[0])
+    for start in range(lo, hi, batch_size):
+        toks = tokens[start:min(start + batch_size, hi)].to(device)
+        z, acts = encode_hook(model, sae, toks)
+        batch = ActivationBatch(torch.arange(start, start + toks.shape[0]), toks, z, acts)
+        state.update(batch)
         for obs in observers:
             obs(batch)
         if progress:
-            progress(start + B)
-    n_tok = n_seq * T
-    top_s[top_a <= 0] = -1
-    top_p[top_a <= 0] = -1
-    samp_s[samp_key == float("inf")] = -1
-    o = samp_a.argsort(dim=0, descending=True)  # sample ordered by activation, empty slots last
-    samp_a, samp_s, samp_p = samp_a.gather(0, o), samp_s.gather(0, o), samp_p.gather(0, o)
-    samp_w = samp_w.gather(0, o[..., None].expand(-1, -1, W))
-    samp_p[samp_s < 0] = -1
-    return FeatureStats(fire, asum, amax, top_a, top_s, top_p,
-                        (zsum / n_tok).float(), l0, n_tok, hist.view(F, nb).cpu(), top_w,
-                        samp_a, samp_s, samp_p, samp_w, rnd_seq, rnd_pos, rnd_active)
+            progress(start + toks.shape[0] - lo)
+    return state

@@ -123,10 +123,9 @@ def scan(
     select: Annotated[Optional[list[str]], typer.Option(help="Run only these detector ids (and what they require).")] = None,
     skip: Annotated[Optional[list[str]], typer.Option(help="Skip these detector ids.")] = None,
     plugin: Annotated[Optional[list[Path]], typer.Option(help="A local .py file of Heuristic subclasses.")] = None,
-    selection_threshold: Annotated[float, typer.Option(help="Head attribution on one induction head needed "
-                                                             "to select a feature (paper: 0.6).")] = 0.6,
-    induction_head_threshold: Annotated[float, typer.Option(help="Induction score above which a head counts "
-                                                                  "as an induction head.")] = 0.4,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="A detector option, DETECTOR.KEY=VALUE (repeatable; wins over --config), e.g. "
+        "--set induction_selection.selection_threshold=0.7.")] = None,
     max_tokens: Annotated[Optional[int], typer.Option(help="Use only the first N corpus tokens.")] = None,
     config: Annotated[Optional[Path], typer.Option(help="TOML with [scan] keys and [detectors.<id>] options.")] = None,
     strict_plugins: Annotated[bool, typer.Option(help="A failing plugin stops the scan.")] = False,
@@ -146,11 +145,12 @@ def scan(
 
     Example: famfind scan                     # the embedded default model + SAE
     Example: famfind scan path/to/sae_dir --model path/to/hf_checkpoint --db out.duckdb
+    Example: famfind scan --set head_roles.induction_head_threshold=0.3 --select induction_selection
     Example: famfind scan --label --llm-base-url http://127.0.0.1:8000/v1 --llm-model qwen2.5-7b
     """
     from famfind.db import connect, write_scan
     from famfind.scan import ScanConfig, run_scan
-    from reports.terminal import render
+    from famfind.reports.terminal import render
 
     llm_cfg = LLMConfig(llm_model, llm_base_url, llm_api_key_env, llm_max_calls, llm_concurrency, llm_timeout,
                         llm_retries)
@@ -159,21 +159,18 @@ def scan(
         llm_cfg.api_key()  # a missing key is an error before the scan, not after it
     cfg_file = _read_config(config)
     det_opts = {k: dict(v) for k, v in cfg_file.get("detectors", {}).items()}
-    det_opts.setdefault("induction_selection", {}).setdefault("selection_threshold", selection_threshold)
-    det_opts.setdefault("head_roles", {}).setdefault("induction_head_threshold", induction_head_threshold)
+    for det, key, value in map(_parse_set, set_ or ()):
+        det_opts.setdefault(det, {})[key] = value
     base = dict(cfg_file.get("scan", {}))
     cli = {"sae": sae, "model": model, "corpus": corpus, "max_tokens": max_tokens,
            "select": tuple(select or ()), "skip": tuple(skip or ()),
            "plugins": tuple(str(p) for p in plugin or ()), "strict_plugins": strict_plugins or None}
     base.update({k: v for k, v in cli.items() if v not in (None, ())})
     from famfind.plugins import default_registry
-    from famfind.scan import selected_ids
 
     reg = default_registry(base.get("plugins", ()), bool(base.get("strict_plugins", False)))
     for e in reg.errors:
         _line(f"famfind: warning: plugin {e.origin} failed to load: {e.error}")
-    ids = selected_ids(reg, tuple(base.get("select", ())), tuple(base.get("skip", ())))
-    det_opts = {k: v for k, v in det_opts.items() if k in ids or k in cfg_file.get("detectors", {})}
     scan_cfg = ScanConfig.from_dict({**base, "sae": base.get("sae") or "", "detector_options": det_opts})
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True, disable=quiet) as progress:
@@ -191,6 +188,15 @@ def scan(
     finally:
         con.close()
     _line(f"famfind: wrote scan {scan_id} to {db}")
+
+
+def _parse_set(spec: str) -> tuple[str, str, str]:
+    """``DETECTOR.KEY=VALUE`` -> its three parts (the value is typed by the detector's Options)."""
+    head, eq, value = spec.partition("=")
+    det, dot, key = head.strip().partition(".")
+    if not (eq and dot and det and key):
+        raise FamfindError("--set", f"expected DETECTOR.KEY=VALUE, got {spec!r}")
+    return det, key.strip(), value.strip()
 
 
 def _parse_features(spec: Optional[str]) -> tuple[int, ...]:
@@ -322,14 +328,14 @@ def report(
     Example: famfind report --db famfind.duckdb --scan-id 1 --html report.html
     """
     from famfind.db import connect, resolve_scan_id
-    from reports.terminal import render
+    from famfind.reports.terminal import render
 
     con = connect(db, read_only=True)
     try:
         sid = resolve_scan_id(con, db, scan_id)
         render(con, sid, Console())
         if html is not None:
-            from reports.html import render_html
+            from famfind.reports.html import render_html
 
             try:
                 render_html(con, sid, html)
@@ -346,28 +352,71 @@ def heuristics_list(
     plugin: Annotated[Optional[list[Path]], typer.Option(help="Also load this local plugin file.")] = None,
     skip: Annotated[Optional[list[str]], typer.Option(help="Show these ids as disabled.")] = None,
 ):
-    """List installed detectors: id, version, needs, requires, origin, enabled.
+    """List installed detectors: id, version, needs, what they produce and require (typed
+    outputs), their tables, origin, enabled.
 
     Example: famfind heuristics list --plugin my_detector.py
     """
     from rich.table import Table
+    from rich.text import Text
 
     from famfind.plugins import default_registry
 
     reg = default_registry(plugin or ())
     t = Table()
     t.add_column("id", no_wrap=True)
-    for c in ("version", "needs", "requires"):
+    for c in ("version", "needs", "produces", "requires", "tables"):
         t.add_column(c)
     t.add_column("origin", overflow="fold")
     t.add_column("enabled")
     t.add_column("description", ratio=1)
     for hid in reg.ids():
         e = reg.get(hid)
-        t.add_row(hid, e.cls.version, e.cls.needs, ", ".join(e.cls.requires) or "-", e.origin,
-                  "no" if hid in (skip or ()) else "yes", e.cls.description)
+        c = e.cls
+        t.add_row(hid, c.version, c.needs, c.produces.__name__ if c.produces else "-",
+                  ", ".join(r.__name__ for r in c.requires) or "-",
+                  ", ".join(x.name for x in (*c.tables, *c.views)) or "-", Text(e.origin),
+                  "no" if hid in (skip or ()) else "yes", Text(c.description))
     for e in reg.errors:
-        t.add_row("?", "-", "-", "-", e.origin, "[red]failed to load[/]", e.error)
+        t.add_row("?", "-", "-", "-", "-", "-", Text(e.origin), Text("failed to load", style="red"), Text(e.error))
+    Console().print(t)
+
+
+@app.command()
+@guarded
+def tables(
+    plugin: Annotated[Optional[list[Path]], typer.Option(help="Also load this local plugin file.")] = None,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print the README's table section.")] = False,
+):
+    """List every table famfind writes, from the declarations: core tables and those of each
+    installed detector (with its columns, types and docs).
+
+    Example: famfind tables --plugin my_detector.py
+    """
+    from famfind.plugins import default_registry
+    from famfind.schema import CORE, LABELS, LLM_CACHE, markdown as md
+
+    reg = default_registry(plugin or ())
+    det_tables, views = reg.declared_tables()
+    owner = {t.name: h for h in reg.ids() for t in (*reg.get(h).cls.tables, *reg.get(h).cls.views)}
+    all_tables = [*CORE, *det_tables, LABELS, LLM_CACHE]
+    if markdown:
+        typer.echo(md(all_tables, views))
+        return
+    from rich.table import Table as RTable
+    from rich.text import Text
+
+    t = RTable()
+    for c in ("table", "declared by", "column", "type", "doc"):
+        t.add_column(c)
+    for tab in all_tables:
+        cols = ([] if not tab.per_scan else [("scan_id", "INTEGER", "the scan (scans.scan_id)")]) + \
+            [(c.name, c.type, c.doc) for c in tab.columns]
+        for i, (n, ty, doc) in enumerate(cols):
+            t.add_row(Text(tab.name if i == 0 else ""), Text(owner.get(tab.name, "core") if i == 0 else ""),
+                      Text(n), Text(ty), Text(doc))
+    for v in views:
+        t.add_row(Text(v.name + " (view)"), Text(owner.get(v.name, "")), Text("-"), Text("-"), Text(v.doc))
     Console().print(t)
 
 

@@ -1,37 +1,17 @@
 """The DuckDB store: one row per scan in ``scans``, everything else keyed by ``scan_id``.
 
-Core tables (schema also in README.md):
-
-- ``scans``: scan_id, created_at, famfind_version, sae_path, sae_sha256, architecture, d_in,
-  d_sae, model, hook_name, layer, corpus, n_tokens, seq_len, l0, dead_fraction, seconds,
-  config (JSON);
-- ``detector_runs``: scan_id, detector, version, origin, status, error, seconds, summary (JSON);
-- ``features``: scan_id, feature, fire_count, density, mean_act, max_act, dead;
-- ``heads``: scan_id, layer, head, metric, score;
-- ``detections``: scan_id, detector, feature, score, passed, evidence (JSON);
-- ``families``: scan_id, family, feature, confidence, detector, is_primary (the feature's
-  highest-confidence family; ties go to the family named first alphabetically);
-- ``validation``: scan_id, family, selected, passed, control, control_passed,
-  ablation_tested, ablation_off;
-- ``examples``: scan_id, feature, rank, seq, pos, act, context (active token in ``[[ ]]``),
-  tokens (the window's tokens, 12 before to 3 after), acts (the feature's activation on each);
-- ``activation_samples``: the same columns (rank = order by activation) for a uniform random
-  sample of each feature's firing positions: examples from every activation quantile;
-- ``random_contexts``: scan_id, seq, pos, context, tokens, active (features firing there):
-  random corpus positions, the non-activating contexts of the detection score;
-- ``activation_histogram``: scan_id, feature, bin, lo, hi, count (positive activations per
-  log-spaced bin; empty bins left out);
-
-plus each detector's extra ``tables`` (built-ins: ``head_attribution``, ``feature_logits``,
-``dfa_head``, ``dfa_source``, ``clusters``, ...), and, once a ``clusters`` table exists, the
-view ``cluster_family_crosstab`` (scan_id, cluster, family or ``(none)``, features).
-A scan is written in one transaction: a failed or interrupted write leaves no rows.
+Tables are created and extended from their declarations (:mod:`famfind.schema` for the core
+tables, each detector's ``tables`` for its own): a declared column an older file lacks is
+added, so a detector version that adds a column writes into an older database. The file's
+``schema_version`` table records which numbered migration (:data:`MIGRATIONS`) it is at; a
+file from an older famfind is upgraded in one transaction when it is opened, and one from a
+newer famfind is refused. A scan is written in one transaction: a failed or interrupted
+write leaves no rows. ``famfind tables`` lists every declared table.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -41,66 +21,130 @@ import polars as pl
 
 import famfind
 from famfind.errors import FamfindError
+from famfind.schema import CORE, SCANS, Table
 
-CORE_TABLES = ("scans", "detector_runs", "features", "heads", "detections", "families",
-               "validation", "examples", "activation_histogram", "activation_samples", "random_contexts")
-TABLE_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+CORE_BY_NAME = {t.name: t for t in CORE}
+
 DEFAULT_DB = "famfind.duckdb"
+SCHEMA_VERSION = 2  # of the tables famfind writes; see MIGRATIONS
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS scans (scan_id INTEGER PRIMARY KEY, created_at TIMESTAMP, famfind_version VARCHAR,
-  sae_path VARCHAR, sae_sha256 VARCHAR, architecture VARCHAR, d_in INTEGER, d_sae INTEGER, model VARCHAR,
-  hook_name VARCHAR, layer INTEGER, corpus VARCHAR, n_tokens BIGINT, seq_len INTEGER, l0 DOUBLE,
-  dead_fraction DOUBLE, seconds DOUBLE, config JSON);
-CREATE TABLE IF NOT EXISTS detector_runs (scan_id INTEGER, detector VARCHAR, version VARCHAR, origin VARCHAR,
-  status VARCHAR, error VARCHAR, seconds DOUBLE, summary JSON);
-CREATE TABLE IF NOT EXISTS features (scan_id INTEGER, feature INTEGER, fire_count BIGINT, density DOUBLE,
-  mean_act DOUBLE, max_act DOUBLE, dead BOOLEAN);
-CREATE TABLE IF NOT EXISTS heads (scan_id INTEGER, layer INTEGER, head INTEGER, metric VARCHAR, score DOUBLE);
-CREATE TABLE IF NOT EXISTS detections (scan_id INTEGER, detector VARCHAR, feature INTEGER, score DOUBLE,
-  passed BOOLEAN, evidence JSON);
-CREATE TABLE IF NOT EXISTS families (scan_id INTEGER, family VARCHAR, feature INTEGER, confidence DOUBLE,
-  detector VARCHAR, is_primary BOOLEAN);
-ALTER TABLE families ADD COLUMN IF NOT EXISTS is_primary BOOLEAN;
-CREATE TABLE IF NOT EXISTS validation (scan_id INTEGER, family VARCHAR, selected INTEGER, passed INTEGER,
-  control INTEGER, control_passed INTEGER, ablation_tested INTEGER, ablation_off INTEGER);
-CREATE TABLE IF NOT EXISTS examples (scan_id INTEGER, feature INTEGER, rank INTEGER, seq INTEGER, pos INTEGER,
-  act DOUBLE, context VARCHAR, tokens VARCHAR[], acts FLOAT[]);
-ALTER TABLE examples ADD COLUMN IF NOT EXISTS tokens VARCHAR[];
-ALTER TABLE examples ADD COLUMN IF NOT EXISTS acts FLOAT[];
-CREATE TABLE IF NOT EXISTS activation_samples (scan_id INTEGER, feature INTEGER, rank INTEGER, seq INTEGER,
-  pos INTEGER, act DOUBLE, context VARCHAR, tokens VARCHAR[], acts FLOAT[]);
-CREATE TABLE IF NOT EXISTS random_contexts (scan_id INTEGER, seq INTEGER, pos INTEGER, context VARCHAR,
-  tokens VARCHAR[], active INTEGER[]);
-CREATE TABLE IF NOT EXISTS activation_histogram (scan_id INTEGER, feature INTEGER, bin INTEGER, lo DOUBLE,
-  hi DOUBLE, count BIGINT);
-"""
+SCHEMA_VERSION_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (version INTEGER, applied_at TIMESTAMP,
+  famfind_version VARCHAR)"""
 
 
-# clusters x families, over every scan: which clusters the families explain ("(none)" = no family)
-CROSSTAB_VIEW = """
-CREATE OR REPLACE VIEW cluster_family_crosstab AS
-SELECT c.scan_id, c.cluster, coalesce(f.family, '(none)') AS family, count(*) AS features
-FROM clusters c LEFT JOIN families f ON f.scan_id = c.scan_id AND f.feature = c.feature
-GROUP BY ALL
-"""
+def _v2(con) -> None:
+    """1 -> 2: ``detector_runs.output_type`` (typed detector outputs); built-in tables whose
+    integer columns were BIGINT (inferred from frames) take their declared INTEGER type; the
+    column additions the first release made ad hoc."""
+    con.execute("ALTER TABLE detector_runs ADD COLUMN IF NOT EXISTS output_type VARCHAR")
+    con.execute("ALTER TABLE families ADD COLUMN IF NOT EXISTS is_primary BOOLEAN")
+    for c, t in (("tokens", "VARCHAR[]"), ("acts", "FLOAT[]")):
+        con.execute(f"ALTER TABLE examples ADD COLUMN IF NOT EXISTS {c} {t}")
+    for table, cols in (("cluster_sweep", ("k",)), ("feature_prefix_curve", ("feature", "prefix_len")),
+                        ("head_prefix_curve", ("layer", "head", "prefix_len")),
+                        ("head_successor", ("layer", "head", "pairs"))):
+        if table_exists(con, table):
+            for c in cols:
+                con.execute(f"ALTER TABLE {table} ALTER COLUMN {c} TYPE INTEGER")
 
+
+MIGRATIONS = {2: _v2}  # version -> the step that brings a database from version - 1 to it
 
 def table_exists(con, name: str) -> bool:
     """Does the open DuckDB connection hold a table or view called ``name``?"""
     return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
-                            [name]).fetchone()[0])
+                            [name]).fetchall()[0][0])
 
 
 def connect(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
-    """Open a famfind DuckDB file; raises ``FamfindError`` naming it if it cannot be opened."""
+    """Open a famfind DuckDB file, upgraded to :data:`SCHEMA_VERSION` first if an older famfind
+    wrote it. Raises ``FamfindError`` naming the file if it cannot be opened, was written by a
+    newer famfind, or (``read_only``) does not exist."""
     p = Path(path)
     if read_only and not p.exists():
         raise FamfindError(p, "database not found (run `famfind scan` first, or pass --db)")
+    con = _open(p, read_only)
+    try:
+        version = schema_version(con)
+        if version > SCHEMA_VERSION:
+            raise FamfindError(p, f"written by a newer famfind (schema version {version}; this famfind "
+                               f"{famfind.__version__} reads up to {SCHEMA_VERSION}): upgrade famfind")
+        if 0 < version < SCHEMA_VERSION:
+            if read_only:  # upgrade through a writable connection, then reopen read-only
+                con.close()
+                connect(p).close()
+                return _open(p, True)
+            with transaction(con, p, f"upgrade it from schema version {version}"):
+                migrate(con)
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def _open(p: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
     try:
         return duckdb.connect(str(p), read_only=read_only)
     except (duckdb.Error, OSError) as e:
         raise FamfindError(p, f"cannot open as a DuckDB database ({str(e).splitlines()[0][:160]})") from None
+
+
+class transaction:
+    """``with transaction(con, path):`` BEGIN ... COMMIT, ROLLBACK on any error (a DuckDB
+    error becomes ``FamfindError`` naming ``path``)."""
+
+    def __init__(self, con, path, what: str = "write"):
+        self.con, self.path, self.what = con, path, what
+
+    def __enter__(self):
+        self.con.execute("BEGIN TRANSACTION")
+        return self.con
+
+    def __exit__(self, typ, e, tb):
+        if typ is None:
+            self.con.execute("COMMIT")
+            return False
+        try:
+            self.con.execute("ROLLBACK")
+        except duckdb.Error:
+            pass
+        if isinstance(e, duckdb.Error):
+            raise FamfindError(self.path, f"could not {self.what} ({str(e).splitlines()[0][:200]})") from None
+        return False
+
+
+def schema_version(con) -> int:
+    """The file's schema version: from ``schema_version``; 1 for a file of the first release
+    (a ``scans`` table, no version table); 0 for an empty file."""
+    if table_exists(con, "schema_version"):
+        v = con.execute("SELECT max(version) FROM schema_version").fetchall()[0][0]
+        return int(v or 0)
+    return 1 if table_exists(con, "scans") else 0
+
+
+def migrate(con) -> int:
+    """Bring an open database (inside the caller's transaction) to :data:`SCHEMA_VERSION`:
+    every migration above its version, in order; an empty file is stamped current. Returns the
+    version it started from."""
+    start = schema_version(con)
+    con.execute(SCHEMA_VERSION_TABLE)
+    if start:  # an empty file has nothing to migrate: its tables are created current
+        for v in range(start + 1, SCHEMA_VERSION + 1):
+            MIGRATIONS[v](con)
+    if start < SCHEMA_VERSION:
+        con.execute("INSERT INTO schema_version VALUES (?, ?, ?)",
+                    [SCHEMA_VERSION, datetime.now(timezone.utc).replace(tzinfo=None), famfind.__version__])
+    return start
+
+
+def ensure_table(con, table: Table) -> None:
+    """Create ``table`` from its declaration, or add the declared columns an existing one lacks."""
+    con.execute(table.ddl())
+    have = {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns WHERE table_name = ?",
+                                      [table.name]).fetchall()}
+    for c in table.columns:
+        if c.name not in have:
+            con.execute(f'ALTER TABLE {table.name} ADD COLUMN "{c.name}" {c.type}')
 
 
 class _Pieces:
@@ -151,7 +195,7 @@ def scan_frames(result) -> dict[str, pl.DataFrame]:
     ctx, st = result.ctx, result.ctx.stats
     F = ctx.sae.d_sae
     frames: dict[str, pl.DataFrame] = {}
-    frames["scans"] = pl.DataFrame([{
+    frames["scans"] = SCANS.frame([{
         "created_at": datetime.now(timezone.utc).replace(tzinfo=None), "famfind_version": famfind.__version__,
         "sae_path": str(Path(ctx.sae.path).resolve()), "sae_sha256": result.sae_sha256,
         "architecture": ctx.sae.architecture, "d_in": ctx.sae.d_in, "d_sae": F, "model": ctx.model.cfg.name,
@@ -160,12 +204,11 @@ def scan_frames(result) -> dict[str, pl.DataFrame]:
         "dead_fraction": float(st.dead.float().mean()), "seconds": result.seconds,
         "config": json.dumps(ctx.config.to_dict()),
     }])
-    frames["detector_runs"] = pl.DataFrame(
+    out = {h: r.output for h, r in result.results.items()}
+    frames["detector_runs"] = CORE_BY_NAME["detector_runs"].frame(
         [{"detector": r.id, "version": r.version, "origin": r.origin, "status": r.status,
-          "error": r.error, "seconds": r.seconds,
-          "summary": json.dumps(ctx.results[r.id].summary if r.id in ctx.results else {})} for r in result.runs],
-        schema={"detector": pl.Utf8, "version": pl.Utf8, "origin": pl.Utf8, "status": pl.Utf8,
-                "error": pl.Utf8, "seconds": pl.Float64, "summary": pl.Utf8})
+          "error": r.error, "seconds": r.seconds, "output_type": r.output_type,
+          "summary": json.dumps(out[r.id].summary() if out.get(r.id) is not None else {})} for r in result.runs])
     fc = st.fire_count.numpy()
     frames["features"] = pl.DataFrame({
         "feature": np.arange(F, dtype=np.int32), "fire_count": fc, "density": st.density.numpy(),
@@ -173,7 +216,7 @@ def scan_frames(result) -> dict[str, pl.DataFrame]:
         "dead": st.dead.numpy()})
     heads, dets, fams, vals = [], [], [], {}
     extra: dict[str, list[pl.DataFrame]] = {}
-    for hid, res in ctx.results.items():
+    for hid, res in result.results.items():
         heads += [{"layer": h.layer, "head": h.head, "metric": h.metric, "score": h.score} for h in res.head_scores]
         dets += [{"detector": hid, "feature": d.feature, "score": d.score, "passed": d.passed,
                   "evidence": json.dumps(d.evidence)} for d in res.detections]
@@ -184,17 +227,10 @@ def scan_frames(result) -> dict[str, pl.DataFrame]:
             for k, val in vars(v).items():
                 if val is not None:
                     row[k] = val
-        for name, df in res.tables.items():
-            if not TABLE_RE.match(name) or name in CORE_TABLES:
-                raise FamfindError(f"detector {hid!r}", f"table name {name!r} is invalid or reserved")
-            if not isinstance(df, pl.DataFrame):
-                raise FamfindError(f"detector {hid!r}", f"table {name!r} is not a polars.DataFrame")
+        for name, df in res.tables.items():  # declared and conformed when the detector returned
             extra.setdefault(name, []).append(df)
-    frames["heads"] = pl.DataFrame(heads, schema={"layer": pl.Int32, "head": pl.Int32, "metric": pl.Utf8,
-                                                  "score": pl.Float64})
-    frames["detections"] = pl.DataFrame(dets, schema={"detector": pl.Utf8, "feature": pl.Int32,
-                                                      "score": pl.Float64, "passed": pl.Boolean,
-                                                      "evidence": pl.Utf8})
+    frames["heads"] = CORE_BY_NAME["heads"].frame(heads)
+    frames["detections"] = CORE_BY_NAME["detections"].frame(dets)
     primary: dict[int, int] = {}  # feature -> its row of highest confidence (ties: family name, then first)
     for i, r in enumerate(fams):
         j = primary.get(r["feature"])
@@ -202,40 +238,27 @@ def scan_frames(result) -> dict[str, pl.DataFrame]:
             primary[r["feature"]] = i
     for i, r in enumerate(fams):
         r["is_primary"] = primary[r["feature"]] == i
-    frames["families"] = pl.DataFrame(fams, schema={"family": pl.Utf8, "feature": pl.Int32,
-                                                    "confidence": pl.Float64, "detector": pl.Utf8,
-                                                    "is_primary": pl.Boolean})
-    vcols = ["family", "selected", "passed", "control", "control_passed", "ablation_tested", "ablation_off"]
-    frames["validation"] = pl.DataFrame([{c: r.get(c) for c in vcols} for r in vals.values()],
-                                        schema={c: (pl.Utf8 if c == "family" else pl.Int32) for c in vcols})
+    frames["families"] = CORE_BY_NAME["families"].frame(fams)
+    vt = CORE_BY_NAME["validation"]
+    frames["validation"] = vt.frame([{c.name: r.get(c.name) for c in vt.columns} for r in vals.values()])
     toks = ctx.corpus.tokens.numpy()
     pieces = _Pieces(ctx.model.tokenizer)
     live = np.nonzero(fc > 0)[0]
-    ex_schema = {"feature": pl.Int32, "rank": pl.Int32, "seq": pl.Int32, "pos": pl.Int32, "act": pl.Float64,
-                 "context": pl.Utf8, "tokens": pl.List(pl.Utf8), "acts": pl.List(pl.Float32)}
-    win = lambda w: None if w is None else w.float().numpy()  # noqa: E731
-    frames["examples"] = pl.DataFrame(_example_rows(pieces, toks, st.top_acts.numpy(), st.top_seq.numpy(),
-                                                    st.top_pos.numpy(), win(st.top_win), live), schema=ex_schema)
-    if st.sample_acts is not None:
-        frames["activation_samples"] = pl.DataFrame(
-            _example_rows(pieces, toks, st.sample_acts.numpy(), st.sample_seq.numpy(), st.sample_pos.numpy(),
-                          win(st.sample_win), live), schema=ex_schema)
-    if st.random_seq is not None:
-        rc = []
-        for s_, p_, a_ in zip(st.random_seq.tolist(), st.random_pos.tolist(), st.random_active):
-            c, words, _ = _window(pieces, toks[s_], p_)
-            rc.append({"seq": s_, "pos": p_, "context": c, "tokens": words, "active": a_})
-        frames["random_contexts"] = pl.DataFrame(rc, schema={"seq": pl.Int32, "pos": pl.Int32, "context": pl.Utf8,
-                                                             "tokens": pl.List(pl.Utf8),
-                                                             "active": pl.List(pl.Int32)})
-    if st.hist is not None:
-        from famfind.activations import HIST_EDGES
-
-        e = [0.0] + HIST_EDGES.tolist() + [float("inf")]
-        f_idx, b_idx = np.nonzero(st.hist.numpy())
-        frames["activation_histogram"] = pl.DataFrame({
-            "feature": f_idx.astype(np.int32), "bin": b_idx.astype(np.int32),
-            "lo": np.array(e)[b_idx], "hi": np.array(e)[b_idx + 1], "count": st.hist.numpy()[f_idx, b_idx]})
+    for name, acts, seqs, poss, wins in (("examples", st.top_acts, st.top_seq, st.top_pos, st.top_win),
+                                          ("activation_samples", st.sample_acts, st.sample_seq, st.sample_pos,
+                                           st.sample_win)):
+        frames[name] = CORE_BY_NAME[name].frame(_example_rows(pieces, toks, acts.numpy(), seqs.numpy(), poss.numpy(),
+                                                              wins.float().numpy(), live))
+    rc = []
+    for s_, p_, a_ in zip(st.random_seq.tolist(), st.random_pos.tolist(), st.random_active):
+        c, words, _ = _window(pieces, toks[s_], p_)
+        rc.append({"seq": s_, "pos": p_, "context": c, "tokens": words, "active": a_})
+    frames["random_contexts"] = CORE_BY_NAME["random_contexts"].frame(rc)
+    e = [0.0] + st.hist_edges.tolist() + [float("inf")]
+    f_idx, b_idx = np.nonzero(st.hist.numpy())
+    frames["activation_histogram"] = CORE_BY_NAME["activation_histogram"].frame({
+        "feature": f_idx, "bin": b_idx, "lo": np.array(e)[b_idx], "hi": np.array(e)[b_idx + 1],
+        "count": st.hist.numpy()[f_idx, b_idx]})
     for name, dfs in extra.items():
         frames[name] = pl.concat(dfs, how="diagonal_relaxed")
     return frames
@@ -244,48 +267,53 @@ def scan_frames(result) -> dict[str, pl.DataFrame]:
 def write_scan(db_path: str | Path, result) -> int:
     """Store a scan in one transaction; returns its ``scan_id``.
 
-    On any error the transaction is rolled back (and a database file this call created is
+    The file is upgraded to :data:`SCHEMA_VERSION` and the tables created or extended from
+    their declarations (core tables and those of the scan's detectors) in the same
+    transaction. On any error it is rolled back (and a database file this call created is
     removed), so no partial rows remain. Raises ``FamfindError`` naming the file.
     """
     p = Path(db_path)
     existed = p.exists()
     frames = scan_frames(result)  # everything computed before the database is touched
-    con = connect(p)
+    ran = [result.registry.get(r.id).cls for r in result.runs]
+    tables = {t.name: t for t in (*CORE, *(t for c in ran for t in c.tables))}
+    views = [v for c in ran for v in c.views]
     try:
-        con.execute("BEGIN TRANSACTION")
-        con.execute(SCHEMA)
-        scan_id = con.execute("SELECT coalesce(max(scan_id), 0) + 1 FROM scans").fetchall()[0][0]
-        for name, df in frames.items():
-            df = df.with_columns(pl.lit(scan_id, dtype=pl.Int32).alias("scan_id")).select(
-                ["scan_id", *[c for c in df.columns if c != "scan_id"]])
-            con.register("_famfind_rows", df)
-            if name in CORE_TABLES:
+        con = connect(p)
+    except BaseException:
+        if not existed:
+            _remove(p)
+        raise
+    try:
+        with transaction(con, p, "write the scan"):
+            migrate(con)
+            for t in tables.values():
+                ensure_table(con, t)
+            scan_id = con.execute("SELECT coalesce(max(scan_id), 0) + 1 FROM scans").fetchall()[0][0]
+            for name, df in frames.items():
+                df = df.with_columns(pl.lit(scan_id, dtype=pl.Int32).alias("scan_id"))
+                con.register("_famfind_rows", df)
                 con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM _famfind_rows")
-            else:
-                con.execute(f"CREATE TABLE IF NOT EXISTS {name} AS SELECT * FROM _famfind_rows LIMIT 0")
-                con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM _famfind_rows")
-            con.unregister("_famfind_rows")
-        if "clusters" in frames or table_exists(con, "clusters"):
-            con.execute(CROSSTAB_VIEW)
-        con.execute("COMMIT")
+                con.unregister("_famfind_rows")
+            for v in views:
+                if all(table_exists(con, t) for t in v.needs):
+                    con.execute(f"CREATE OR REPLACE VIEW {v.name} AS {v.sql}")
         return int(scan_id)
-    except BaseException as e:
-        try:
-            con.execute("ROLLBACK")
-        except duckdb.Error:
-            pass
+    except BaseException:
         con.close()
         if not existed:
-            for q in (p, p.with_name(p.name + ".wal")):
-                q.unlink(missing_ok=True)
-        if isinstance(e, duckdb.Error):
-            raise FamfindError(p, f"could not write the scan ({str(e).splitlines()[0][:200]})") from None
+            _remove(p)
         raise
     finally:
         try:
             con.close()
         except duckdb.Error:
             pass
+
+
+def _remove(p: Path) -> None:
+    for q in (p, p.with_name(p.name + ".wal")):
+        q.unlink(missing_ok=True)
 
 
 def resolve_scan_id(con, db_path, scan_id: int | None) -> int:

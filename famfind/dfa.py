@@ -60,6 +60,11 @@ class HeadDFAAccumulator:
         self.num.index_add_(0, feat, (dfa * a).double())
         self.den.index_add_(0, feat, (a * a).squeeze(-1).double())
 
+    def merge(self, other: "HeadDFAAccumulator") -> None:
+        """Fold in another shard's sums."""
+        self.num += other.num.to(self.num.device)
+        self.den += other.den.to(self.den.device)
+
     def share(self) -> torch.Tensor:
         """``[d_sae, n_heads]`` fraction of each feature's DFA variance per head (0 rows: never fired)."""
         return (self.num / self.den.clamp_min(1e-30)[:, None]).float().cpu()

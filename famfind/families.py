@@ -12,11 +12,41 @@ same behavioural test; the family is the selected features that pass.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from famfind.plugins import Detection, FamilyMember, Result, Validation
+from famfind.activations import encode_hook
+from famfind.plugins import Detection, FamilyMember, Output, Result, Validation
+
+
+@dataclass(frozen=True)
+class FamilyOutcome(Output):
+    """A family detector's typed output (one subclass per family detector, so each type
+    has one producer). ``selected``/``control``/``passed`` bool ``[d_sae]``; ``score
+    [d_sae]`` float, the behaviour test's score (e.g. a pass rate in [0, 1]); ``role_heads``
+    the heads selection used, as ``"layer.head"``. The counts are the validation row's."""
+
+    family: str
+    selected: torch.Tensor
+    control: torch.Tensor
+    score: torch.Tensor
+    passed: torch.Tensor
+    role_heads: list[str] = field(default_factory=list)
+    n_selected: int = field(init=False)
+    n_passed: int = field(init=False)
+    n_control: int = field(init=False)
+    n_control_passed: int = field(init=False)
+
+    def __post_init__(self):
+        for k, v in (("n_selected", self.selected), ("n_passed", self.selected & self.passed),
+                     ("n_control", self.control), ("n_control_passed", self.control & self.passed)):
+            object.__setattr__(self, k, int(v.sum()))
+
+    @property
+    def members(self) -> torch.Tensor:
+        """bool ``[d_sae]``: the family (selected and passed)."""
+        return self.selected & self.passed
 
 
 @dataclass(frozen=True)
@@ -54,15 +84,17 @@ def random_control(pool: torch.Tensor, size: int, generator: torch.Generator) ->
     return out
 
 
-def family_result(family: str, groups: Groups, score: torch.Tensor, passed: torch.Tensor,
-                  evidence: dict[str, torch.Tensor] | None = None, summary: dict | None = None,
-                  data: dict | None = None) -> Result:
-    """Detections for the selected and control features, family members (selected and
-    passed, confidence = ``score``), and the family's validation row.
+def family_result(kind: type[FamilyOutcome], family: str, groups: Groups, score: torch.Tensor,
+                  passed: torch.Tensor, evidence: dict[str, torch.Tensor] | None = None,
+                  role_heads: list[str] = (), confidence: torch.Tensor | None = None) -> Result:
+    """Detections for the selected and control features (detection score = ``score``),
+    family members (selected and passed; confidence = ``confidence``, default ``score``),
+    the family's validation row, and the typed output ``kind``.
 
     ``score [d_sae]`` (float, e.g. a pass rate), ``passed`` bool ``[d_sae]``, ``evidence``:
     per-feature tensors ``[d_sae]`` copied into each detection's evidence.
     """
+    confidence = score if confidence is None else confidence
     evidence = evidence or {}
     dets, fams = [], []
     for group, mask in (("selected", groups.selected), ("control", groups.control)):
@@ -71,15 +103,15 @@ def family_result(family: str, groups: Groups, score: torch.Tensor, passed: torc
             ev.update({k: (round(float(v[f]), 4) if v.is_floating_point() else int(v[f])) for k, v in evidence.items()})
             dets.append(Detection(f, float(score[f]), bool(passed[f]) and group == "selected", ev))
             if group == "selected" and passed[f]:
-                fams.append(FamilyMember(family, f, float(score[f])))
-    sel, ctl = groups.selected, groups.control
-    val = Validation(family, int(sel.sum()), int((sel & passed).sum()), int(ctl.sum()), int((ctl & passed).sum()))
-    s = {"selected": val.selected, "passed": val.passed, "control": val.control,
-         "control_passed": val.control_passed}
-    s.update(summary or {})
-    d = {"selected": sel, "control": ctl, "family": sel & passed, "score": score, "passed": passed}
-    d.update(data or {})
-    return Result(detections=dets, families=fams, validation=[val], summary=s, data=d)
+                fams.append(FamilyMember(family, f, float(confidence[f])))
+    out = kind(family, groups.selected, groups.control, score, passed, list(role_heads))
+    val = Validation(family, out.n_selected, out.n_passed, out.n_control, out.n_control_passed)
+    return Result(output=out, detections=dets, families=fams, validation=[val])
+
+
+def head_names(layer: int, heads: list[int]) -> list[str]:
+    """``["layer.head", ...]``, the way reports name heads."""
+    return [f"{layer}.{h}" for h in heads]
 
 
 def role_heads(scores: torch.Tensor, threshold: float) -> list[int]:
@@ -105,20 +137,16 @@ def mode_per_feature(feature: torch.Tensor, key: torch.Tensor, d_sae: int) -> tu
     return mode, best
 
 
-def encode_last(model, sae, tokens: torch.Tensor, layer: int, batch_size: int = 64, device="cpu") -> torch.Tensor:
+def encode_last(model, sae, tokens: torch.Tensor, batch_size: int = 64, device="cpu") -> torch.Tensor:
     """SAE activations at the last position of each prompt, ``[n, d_sae]`` (CPU)."""
-    out = []
-    for s in range(0, tokens.shape[0], batch_size):
-        z = model.run_hook_z(tokens[s:s + batch_size].to(device), layer)
-        out.append(sae.encode(z[:, -1].flatten(-2)).cpu())
+    out = [encode_hook(model, sae, tokens[s:s + batch_size].to(device))[1][:, -1].cpu()
+           for s in range(0, tokens.shape[0], batch_size)]
     return torch.cat(out) if out else torch.zeros(0, sae.d_sae)
 
 
-def encode_all(model, sae, tokens: torch.Tensor, layer: int, features: torch.Tensor, batch_size: int = 64,
+def encode_all(model, sae, tokens: torch.Tensor, features: torch.Tensor, batch_size: int = 64,
                device="cpu") -> torch.Tensor:
     """SAE activations of ``features`` at every position, ``[n, pos, len(features)]`` (CPU)."""
-    out = []
-    for s in range(0, tokens.shape[0], batch_size):
-        z = model.run_hook_z(tokens[s:s + batch_size].to(device), layer)
-        out.append(sae.encode(z.flatten(-2))[..., features.to(device)].cpu())
+    out = [encode_hook(model, sae, tokens[s:s + batch_size].to(device))[1][..., features.to(device)].cpu()
+           for s in range(0, tokens.shape[0], batch_size)]
     return torch.cat(out) if out else torch.zeros(0, tokens.shape[1], features.numel())

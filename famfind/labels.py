@@ -32,12 +32,9 @@ import polars as pl
 from famfind.db import table_exists
 from famfind.errors import FamfindError
 from famfind.llm import LLM, Reply, Request, strict_json
+from famfind.schema import LABELS
 
-LABELS_SCHEMA = """
-CREATE TABLE IF NOT EXISTS labels (scan_id INTEGER, kind VARCHAR, target VARCHAR, feature INTEGER, label VARCHAR,
-  description VARCHAR, status VARCHAR, score DOUBLE, n_pos INTEGER, n_neg INTEGER, tp INTEGER, tn INTEGER,
-  score_status VARCHAR, llm_model VARCHAR, label_key VARCHAR, score_key VARCHAR, error VARCHAR);
-"""
+LABELS_SCHEMA = LABELS.ddl()
 
 LABEL_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["label", "description"],
                 "properties": {"label": {"type": "string", "description": "at most 8 words"},
@@ -266,11 +263,7 @@ def label_scan(con, scan_id: int, llm: LLM, kinds=("family", "cluster"), feature
 
 def write_labels(con, scan_id: int, rows: list[dict]) -> None:
     """Replace the scan's ``labels`` rows for these targets, in one transaction."""
-    df = pl.DataFrame(rows, schema={"scan_id": pl.Int32, "kind": pl.Utf8, "target": pl.Utf8, "feature": pl.Int32,
-                                    "label": pl.Utf8, "description": pl.Utf8, "status": pl.Utf8,
-                                    "score": pl.Float64, "n_pos": pl.Int32, "n_neg": pl.Int32, "tp": pl.Int32,
-                                    "tn": pl.Int32, "score_status": pl.Utf8, "llm_model": pl.Utf8,
-                                    "label_key": pl.Utf8, "score_key": pl.Utf8, "error": pl.Utf8})
+    df = pl.DataFrame(rows, schema={"scan_id": pl.Int32, **LABELS.polars_schema()})
     con.execute("BEGIN TRANSACTION")
     try:
         con.execute(LABELS_SCHEMA)

@@ -31,11 +31,9 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from famfind.errors import FamfindError
+from famfind.schema import LLM_CACHE
 
-CACHE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS llm_cache (key VARCHAR PRIMARY KEY, model VARCHAR, request JSON, response VARCHAR,
-  status VARCHAR, error VARCHAR, retries INTEGER, seconds DOUBLE, created_at TIMESTAMP);
-"""
+CACHE_SCHEMA = LLM_CACHE.ddl()
 
 
 @dataclass(frozen=True)

@@ -1,42 +1,62 @@
-"""The public detector ("heuristic") API and its registry.
+"""The public detector ("heuristic") API: typed outputs, declared tables, the registry.
 
 A detector is a subclass of :class:`Heuristic` with a short stable ``id``
-(``[a-z][a-z0-9_]*``), a ``version``, what it ``needs`` and which detectors it
-``requires``. famfind's built-ins (package ``heuristics``) and a user's plugins register
-the same way: the entry-point group ``famfind.heuristics`` (``name = "module:Class"``), or
-a local ``.py`` file passed with ``--plugin`` (every ``Heuristic`` subclass defined in it).
+(``[a-z][a-z0-9_]*``), a ``version``, what it ``needs``, the typed output it ``produces``
+(a frozen :class:`Output` dataclass) and the outputs it ``requires`` (their types). famfind's
+built-ins (``famfind.heuristics``) and a user's plugins register the same way: the
+entry-point group ``famfind.heuristics`` (``name = "module:Class"``), or a local ``.py`` file
+passed with ``--plugin`` (every ``Heuristic`` subclass defined in it).
 
 ``needs``:
 - ``"weights"``: reads SAE/model weights only; runs before the activation pass;
 - ``"model"``: may also run the model (synthetic prompts, ablations);
-- ``"activations"``: runs after the one streaming pass over the corpus; it may also
-  implement ``start(ctx)`` + ``observe(batch, ctx)`` to see every batch during the pass.
+- ``"activations"``: runs after the one streaming pass over the corpus and reads
+  ``ctx.stats``; it may also implement ``start(ctx)`` + ``observe(batch, ctx)`` to see every
+  batch of the pass and then ``merge(other)`` to fold in another instance that observed
+  another shard of the corpus (the pass may be split, see :mod:`famfind.activations`).
 
-``run(ctx)`` returns a :class:`Result`; famfind stores its rows in the scan's DuckDB
-tables (``detections``, ``heads``, ``families``, ``validation``, plus any extra
-``tables`` it returns, each gaining a ``scan_id`` column). Results of required detectors are in ``ctx.results[id]``. A detector that raises
-is recorded as failed and skipped (its dependents too) unless ``--strict-plugins``.
+``run(ctx)`` returns a :class:`Result`: the typed ``output`` (read by later detectors with
+``ctx.output(Type)``; its scalar fields are stored as the detector's ``summary``) and rows for
+the scan's DuckDB tables (``detections``, ``heads``, ``families``, ``validation``, plus the
+detector's own declared ``tables``). Reading an output that is not in ``requires`` is
+refused when the class is registered (its source is checked) and again at run time. A
+detector that raises, or returns a malformed ``Result``, is recorded as failed and skipped
+(its dependents too) unless ``--strict-plugins``.
 """
 
 from __future__ import annotations
 
 import abc
+import ast
 import dataclasses
 import importlib.util
 import inspect
 import re
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, TypeVar
+
+import torch
 
 from famfind.errors import FamfindError
+from famfind.schema import CORE_NAMES, Column, Table, View  # noqa: F401  (re-exported for plugins)
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from famfind.activations import ActivationBatch, FeatureStats
+    from famfind.corpus import TokenCorpus
+    from famfind.model import AttnModel
+    from famfind.sae import SAE
+    from famfind.scan import ScanConfig
 
 ENTRY_POINT_GROUP = "famfind.heuristics"
 ID_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 Needs = Literal["weights", "model", "activations"]
 NEEDS = ("weights", "model", "activations")
+O = TypeVar("O", bound="Output")
 
 
 @dataclass(frozen=True)
@@ -45,6 +65,8 @@ class Options:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], owner: str = "") -> "Options":
+        """Options from ``{key: value}`` (TOML values or ``--set`` strings); raises
+        ``FamfindError`` naming ``owner`` for an unknown key or a value of the wrong type."""
         names = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - set(names))
         if unknown:
@@ -54,7 +76,7 @@ class Options:
         for k, v in d.items():
             typ = names[k].type if isinstance(names[k].type, type) else type(names[k].default)
             try:
-                out[k] = typ(v) if typ in (int, float, str) else v
+                out[k] = _coerce(typ, v)
             except (TypeError, ValueError):
                 raise FamfindError(f"options of {owner or cls.__name__}",
                                    f"{k}={v!r} is not a valid {typ.__name__}") from None
@@ -62,6 +84,48 @@ class Options:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _coerce(typ: type, v: Any) -> Any:
+    if typ is bool:
+        if isinstance(v, bool):
+            return v
+        if isinstance(v, str) and v.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return v.lower() in ("true", "1", "yes")
+        raise ValueError(v)
+    if typ is int and isinstance(v, str):
+        return int(v)
+    return typ(v) if typ in (int, float, str) else v
+
+
+@dataclass(frozen=True)
+class Output:
+    """Base of a detector's typed output: subclass it as a frozen dataclass whose field
+    docs give shapes and units. Later detectors read it with ``ctx.output(Type)``. Its
+    scalar fields (bool/int/float/str/None, lists/dicts of them, nested outputs) are its stored
+    serialisation (``detector_runs.summary``); tensors stay in memory and reach the database
+    through the detector's tables."""
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON-able fields of this output (tensors and other objects left out)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Output):
+                out[f.name] = v.summary()
+            elif _plain(v):
+                out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+
+def _plain(v: Any) -> bool:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return True
+    if isinstance(v, (list, tuple)):
+        return all(_plain(x) for x in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _plain(x) for k, x in v.items())
+    return False
 
 
 @dataclass
@@ -107,39 +171,118 @@ class Validation:
 
 @dataclass
 class Result:
-    """What a detector returns; ``data`` is kept in memory for dependents, not stored."""
+    """What ``run`` returns: the typed ``output`` (an instance of the detector's
+    ``produces``) and rows for the scan's tables. ``tables`` maps each of the detector's
+    declared table names to a ``polars.DataFrame`` of its declared columns."""
 
+    output: Output | None = None
     detections: list[Detection] = field(default_factory=list)
     head_scores: list[HeadScore] = field(default_factory=list)
     families: list[FamilyMember] = field(default_factory=list)
     validation: list[Validation] = field(default_factory=list)
-    summary: dict = field(default_factory=dict)
-    tables: dict[str, Any] = field(default_factory=dict)  # name -> polars.DataFrame, one row set per scan
-    data: dict = field(default_factory=dict)
+    tables: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ScanContext:
+    """What a detector sees: the ``sae`` (:class:`famfind.sae.SAE`), the ``model``
+    (:class:`famfind.model.AttnModel`), the ``corpus`` (tokens ``[n_seq, seq_len]``), the
+    scan ``config``, a seeded ``generator`` and ``log``. ``ctx.output(T)`` returns the typed
+    output of the detector that produces ``T`` (it must be in the reader's ``requires``);
+    ``ctx.stats`` (:class:`famfind.activations.FeatureStats`) is there for
+    ``needs="activations"`` detectors once the pass is done."""
+
+    sae: SAE
+    model: AttnModel
+    corpus: TokenCorpus
+    config: ScanConfig
+    generator: torch.Generator = field(default_factory=torch.Generator)
+    log: Callable[[str], None] = lambda msg: None
+    outputs: dict[type, Output] = field(default_factory=dict)
+    feature_stats: FeatureStats | None = None
+    reader: str = ""  # the detector this view is for ("" = the scan itself, reads anything)
+    allowed: frozenset = frozenset()
+    may_read_stats: bool = True
+
+    @property
+    def layer(self) -> int:
+        """The SAE's layer (of ``blocks.{layer}.attn.hook_z``)."""
+        return self.sae.layer
+
+    def output(self, kind: type[O]) -> O:
+        """The typed output of type ``kind``; raises ``FamfindError`` when the reading
+        detector does not require it, or when it was not produced."""
+        if self.reader and kind not in self.allowed:
+            raise FamfindError(f"detector {self.reader!r}", f"reads {kind.__name__} but does not list it in requires")
+        if kind not in self.outputs:
+            raise FamfindError(f"detector {self.reader or 'scan'!r}", f"no {kind.__name__} was produced")
+        return self.outputs[kind]  # type: ignore[return-value]
+
+    @property
+    def stats(self) -> FeatureStats:
+        """Per-feature statistics of the activation pass (``needs="activations"`` only)."""
+        if not self.may_read_stats:
+            raise FamfindError(f"detector {self.reader!r}", 'reads ctx.stats but needs="activations" is not set')
+        if self.feature_stats is None:
+            raise FamfindError(f"detector {self.reader!r}", "ctx.stats read before the activation pass")
+        return self.feature_stats
+
+    def view(self, det: type[Heuristic]) -> ScanContext:
+        """This context as detector ``det`` sees it (only its required outputs readable)."""
+        return dataclasses.replace(self, reader=det.id, allowed=frozenset((*det.requires, det.produces)),
+                                   may_read_stats=det.needs == "activations")
 
 
 class Heuristic(abc.ABC):
-    """Base class of every detector. Subclasses set the class attributes and ``run``."""
+    """Base class of every detector. Subclasses set the class attributes and ``run``.
+
+    ``produces``: the :class:`Output` subclass ``run`` returns in ``Result.output`` (``None``:
+    the detector only writes rows);
+    ``requires``: the output types it reads (their producers run first); ``tables``/``views``:
+    the :class:`famfind.schema.Table` / :class:`famfind.schema.View` it writes.
+    """
 
     id: ClassVar[str]
     version: ClassVar[str] = "0.1"
     needs: ClassVar[Needs] = "weights"
-    requires: ClassVar[tuple[str, ...]] = ()
+    produces: ClassVar[type[Output] | None] = None
+    requires: ClassVar[tuple[type[Output], ...]] = ()
+    tables: ClassVar[tuple[Table, ...]] = ()
+    views: ClassVar[tuple[View, ...]] = ()
     description: ClassVar[str] = ""
     Options: ClassVar[type[Options]] = Options
 
     def __init__(self, options: Options | None = None):
         self.options = options if options is not None else self.Options()
 
-    def start(self, ctx) -> None:
+    def start(self, ctx: ScanContext) -> None:
         """Before the activation pass (``needs="activations"`` only)."""
 
-    def observe(self, batch, ctx) -> None:
+    def observe(self, batch: ActivationBatch, ctx: ScanContext) -> None:
         """Each :class:`famfind.activations.ActivationBatch` of the pass."""
 
+    def merge(self, other: Heuristic) -> None:
+        """Fold in ``other`` (the same class and options, started on the same context) that
+        observed another shard of the corpus. Required for a detector that ``observe``\\ s
+        when the pass is split; the result must equal one pass over both shards."""
+        if type(self).observe is not Heuristic.observe:
+            raise NotImplementedError(f"detector {self.id!r} observes batches but does not implement merge()")
+
     @abc.abstractmethod
-    def run(self, ctx) -> Result:
-        """Compute the detector's rows; ``ctx`` is a :class:`famfind.scan.ScanContext`."""
+    def run(self, ctx: ScanContext) -> Result:
+        """Compute the detector's output and rows."""
+
+    # report sections: what the terminal and HTML reports show for this detector, read back
+    # from the database (see :class:`famfind.reports.Section`); default: nothing
+    @classmethod
+    def render_terminal(cls, section) -> None:
+        """Print this detector's part of the terminal report."""
+
+    @classmethod
+    def html_part(cls, section) -> dict:
+        """This detector's part of the HTML report's data: ``{"features": {feature: {key:
+        value}}, key: value}``; the feature entries are merged into the feature cards."""
+        return {}
 
 
 def validate_class(cls: type, origin: str) -> None:
@@ -153,6 +296,51 @@ def validate_class(cls: type, origin: str) -> None:
         raise FamfindError(origin, f"needs={cls.needs!r}; must be one of {', '.join(NEEDS)}")
     if inspect.isabstract(cls):
         raise FamfindError(origin, "detector does not implement run(ctx)")
+    if cls.produces is not None and not (inspect.isclass(cls.produces) and issubclass(cls.produces, Output)
+                                         and cls.produces is not Output and dataclasses.is_dataclass(cls.produces)):
+        raise FamfindError(origin, f"detector {hid!r}: produces must be a dataclass subclass of famfind.plugins.Output")
+    for r in cls.requires:
+        if not (inspect.isclass(r) and issubclass(r, Output)):
+            raise FamfindError(origin, f"detector {hid!r}: requires {r!r}, which is not an Output type")
+    for t in cls.tables:
+        if not isinstance(t, Table) or t.name in CORE_NAMES:
+            raise FamfindError(origin, f"detector {hid!r}: table {getattr(t, 'name', t)!r} is not a Table "
+                               "or is a core table")
+    undeclared = _outputs_read(cls) - set(cls.requires) - {cls.produces}
+    if undeclared:
+        raise FamfindError(origin, f"detector {hid!r} reads {sorted(t.__name__ for t in undeclared)[0]} "
+                           "but does not list it in requires")
+
+
+def _outputs_read(cls: type) -> set[type]:
+    """Output types named in ``ctx.output(T)`` calls in the class's source (empty when the
+    source is not available): the registration-time check of ``requires``."""
+    found = set()
+    for k in cls.__mro__:
+        if k is not Heuristic and isinstance(k, type) and issubclass(k, Heuristic):
+            found |= _outputs_named(k)
+    return found
+
+
+def _outputs_named(cls: type) -> set[type]:
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return set()
+    env = vars(sys.modules[cls.__module__]) if cls.__module__ in sys.modules else {}
+    found = set()
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "output"
+                and len(node.args) == 1):
+            a = node.args[0]
+            obj = None
+            if isinstance(a, ast.Name):
+                obj = env.get(a.id)
+            elif isinstance(a, ast.Attribute) and isinstance(a.value, ast.Name):
+                obj = getattr(env.get(a.value.id), a.attr, None)
+            if inspect.isclass(obj) and issubclass(obj, Output):
+                found.add(obj)
+    return found
 
 
 @dataclass
@@ -168,10 +356,13 @@ class LoadError:
 
 
 class Registry:
-    """Detector classes by id. Refuses duplicates; an unknown id lists the known ones."""
+    """Detector classes by id. Refuses duplicate ids, two producers of one output type and
+    two owners of one table; an unknown id lists the known ones."""
 
     def __init__(self):
         self._entries: dict[str, Entry] = {}
+        self._producers: dict[type, str] = {}
+        self._tables: dict[str, str] = {}
         self.errors: list[LoadError] = []
 
     def register(self, cls: type[Heuristic], origin: str) -> None:
@@ -179,15 +370,41 @@ class Registry:
         if cls.id in self._entries:
             raise FamfindError(origin, f"detector id {cls.id!r} is already registered by "
                                f"{self._entries[cls.id].origin}")
+        if cls.produces is not None and cls.produces in self._producers:
+            raise FamfindError(origin, f"{cls.produces.__name__} is already produced by detector "
+                               f"{self._producers[cls.produces]!r}")
+        for t in (*cls.tables, *cls.views):
+            if t.name in self._tables:
+                raise FamfindError(origin, f"table {t.name!r} is already declared by detector {self._tables[t.name]!r}")
         self._entries[cls.id] = Entry(cls, origin)
+        if cls.produces is not None:
+            self._producers[cls.produces] = cls.id
+        for t in (*cls.tables, *cls.views):
+            self._tables[t.name] = cls.id
 
     def get(self, hid: str) -> Entry:
         if hid not in self._entries:
             raise FamfindError(f"detector {hid!r}", f"unknown; known: {', '.join(sorted(self._entries))}")
         return self._entries[hid]
 
+    def producer(self, kind: type[Output], reader: str = "") -> str:
+        """Id of the detector producing ``kind``; raises ``FamfindError`` if none is registered."""
+        if kind not in self._producers:
+            raise FamfindError(f"detector {reader!r}" if reader else kind.__name__,
+                               f"requires {kind.__name__}, which no registered detector produces")
+        return self._producers[kind]
+
+    def dependencies(self, hid: str) -> list[str]:
+        """Ids of the detectors producing what ``hid`` requires."""
+        return [self.producer(k, hid) for k in self.get(hid).cls.requires]
+
     def ids(self) -> list[str]:
         return sorted(self._entries)
+
+    def declared_tables(self) -> tuple[list[Table], list[View]]:
+        """Every table and view declared by a registered detector, by detector id."""
+        cls = [self._entries[h].cls for h in self.ids()]
+        return [t for c in cls for t in c.tables], [v for c in cls for v in c.views]
 
     def __contains__(self, hid: str) -> bool:
         return hid in self._entries
@@ -206,6 +423,8 @@ class Registry:
 
     def load_file(self, path: str | Path, strict: bool = True) -> list[str]:
         """Register every Heuristic subclass defined in a local ``.py`` file; returns ids."""
+        from pathlib import Path
+
         p = Path(path)
         if not p.is_file():
             raise FamfindError(p, "plugin file not found")
@@ -222,7 +441,7 @@ class Registry:
             return []
         found = [c for c in vars(mod).values()
                  if inspect.isclass(c) and issubclass(c, Heuristic) and c is not Heuristic
-                 and c.__module__ == name]
+                 and c.__module__ == name and not inspect.isabstract(c)]
         if not found:
             raise FamfindError(p, "defines no famfind.plugins.Heuristic subclass")
         for c in found:
@@ -244,9 +463,25 @@ def default_registry(plugin_files: list[str | Path] = (), strict: bool = False) 
     return reg
 
 
+def selected_ids(reg: Registry, select: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> list[str]:
+    """The detectors a scan runs: ``select`` (all when empty) plus what they require, less
+    ``skip``. Unknown ids are an error that lists the known ones."""
+    for hid in (*select, *skip):
+        reg.get(hid)
+    ids = list(select) if select else reg.ids()
+    if select:  # pull in the producers of what selected detectors require
+        todo = list(ids)
+        while todo:
+            for r in reg.dependencies(todo.pop()):
+                if r not in ids:
+                    ids.append(r)
+                    todo.append(r)
+    return [h for h in ids if h not in skip]
+
+
 def execution_order(reg: Registry, ids: list[str]) -> list[str]:
     """Topological order of ``ids`` by ``requires`` (stable by id); raises on a cycle or
-    on a requirement that is neither selected nor registered."""
+    on a requirement whose producer is not selected."""
     order: list[str] = []
     state: dict[str, int] = {}
 
@@ -256,7 +491,7 @@ def execution_order(reg: Registry, ids: list[str]) -> list[str]:
         if state.get(h) == 1:
             raise FamfindError(f"detector {h!r}", f"requirement cycle: {' -> '.join(chain + (h,))}")
         state[h] = 1
-        for r in reg.get(h).cls.requires:
+        for r in reg.dependencies(h):
             if r not in ids:
                 raise FamfindError(f"detector {h!r}", f"requires {r!r}, which is not selected "
                                    "(drop it from --skip or add it to --select)")

@@ -9,13 +9,31 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 import torch
 
-from famfind.plugins import Heuristic, Options, Result
+from famfind.plugins import Column, Heuristic, Options, Output, Result, Table
+
+
+@dataclass(frozen=True)
+class HeadAttributionMatrix(Output):
+    """``attribution [d_sae, n_heads]`` float: each feature's normalised per-head ``W_dec``
+    block norms, rows sum to 1 (0 rows stay 0); heads of the SAE's layer."""
+
+    attribution: torch.Tensor
+
+
+@dataclass(frozen=True)
+class TopBoostedTokens(Output):
+    """``top_token [d_sae]`` long: the token each feature boosts most on the direct path;
+    ``top_logit [d_sae]`` float: that logit, per unit feature activation."""
+
+    top_token: torch.Tensor
+    top_logit: torch.Tensor
 
 
 def head_attribution(W_dec: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -51,6 +69,12 @@ class HeadAttribution(Heuristic):
     id = "head_attribution"
     version = "0.1"
     needs = "weights"
+    produces = HeadAttributionMatrix
+    tables = (Table("head_attribution", (
+        Column("feature", "INTEGER", "SAE feature index"), Column("layer", "INTEGER", "layer of the head"),
+        Column("head", "INTEGER", "head index"),
+        Column("attribution", "FLOAT", "share of the feature's W_dec norm on this head (rows sum to 1)")),
+        "per feature and head: weight-based head attribution (Kissane et al. 2024)"),)
     description = "Per feature, normalised per-head W_dec norms (Kissane et al. 2024)"
 
     def run(self, ctx) -> Result:
@@ -62,7 +86,13 @@ class HeadAttribution(Heuristic):
             "head": np.tile(np.arange(H), F).astype(np.int32),
             "attribution": att.reshape(-1).numpy().astype(np.float32),
         })
-        return Result(tables={"head_attribution": df}, data={"attribution": att})
+        return Result(output=HeadAttributionMatrix(att), tables={"head_attribution": df})
+
+    @classmethod
+    def html_part(cls, section) -> dict:
+        return {"features": section.per_feature(
+            "SELECT feature, round(attribution, 3) AS a FROM head_attribution WHERE scan_id = ? ORDER BY feature, head",
+            lambda r, card: card.setdefault("att", []).append(r["a"]))}
 
 
 @dataclass(frozen=True)
@@ -74,6 +104,13 @@ class FeatureLogits(Heuristic):
     id = "feature_logits"
     version = "0.1"
     needs = "weights"
+    produces = TopBoostedTokens
+    tables = (Table("feature_logits", (
+        Column("feature", "INTEGER", "SAE feature index"), Column("direction", "VARCHAR", "boost or suppress"),
+        Column("rank", "INTEGER", "0 = strongest"), Column("token", "INTEGER", "token id"),
+        Column("token_str", "VARCHAR", "the token's text"),
+        Column("logit", "FLOAT", "direct-path logit per unit activation")),
+        "top boosted / suppressed tokens per feature on the direct path W_dec W_O W_U"),)
     description = "Top boosted / suppressed tokens per feature on the direct path W_dec W_O W_U"
     Options = FeatureLogitsOptions
 
@@ -92,4 +129,27 @@ class FeatureLogits(Heuristic):
             "token_str": [strs[int(t)] for t in ids],
             "logit": torch.cat([bv, sv], 1).reshape(-1).numpy().astype(np.float32),
         })
-        return Result(tables={"feature_logits": df}, data={"top_token": bi[:, 0].clone(), "top_logit": bv[:, 0].clone()})
+        return Result(output=TopBoostedTokens(bi[:, 0].clone(), bv[:, 0].clone()), tables={"feature_logits": df})
+
+    @classmethod
+    def render_terminal(cls, section) -> None:
+        rows = section.query("""
+            SELECT f.family, f.feature, f.confidence, l.token_str, ft.density
+            FROM families f
+            LEFT JOIN feature_logits l ON l.scan_id = f.scan_id AND l.feature = f.feature
+                 AND l.direction = 'boost' AND l.rank = 0
+            JOIN features ft ON ft.scan_id = f.scan_id AND ft.feature = f.feature
+            WHERE f.scan_id = ? ORDER BY f.family, f.confidence DESC, f.feature LIMIT 10""")
+        if rows:
+            section.table("Top family members (first 10)", ("family", "feature", "confidence", "top boosted token",
+                                                           "density"),
+                          [(fam, str(f), f"{c:.2f}", json.dumps(t) if t is not None else "-", f"{d:.2e}")
+                           for fam, f, c, t, d in rows])
+
+    @classmethod
+    def html_part(cls, section) -> dict:
+        def add(r, card):
+            card.setdefault("logits", {"boost": [], "suppress": []})[r["direction"]].append([r["token_str"], r["l"]])
+        return {"features": section.per_feature(
+            "SELECT feature, direction, token_str, round(logit, 3) AS l FROM feature_logits WHERE scan_id = ? "
+            "AND rank < 5 ORDER BY feature, direction, rank", add)}

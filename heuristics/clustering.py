@@ -20,7 +20,24 @@ import numpy as np
 import polars as pl
 import torch
 
-from famfind.plugins import Heuristic, Options, Result
+from famfind.heuristics.attribution import HeadAttributionMatrix
+from famfind.heuristics.dfa import DFAHeadShares
+from famfind.plugins import Column, Heuristic, Options, Output, Result, Table, View
+
+
+@dataclass(frozen=True)
+class HeadLoadingClusterSet(Output):
+    """``features [n_live]`` (long) the clustered live features and ``labels [n_live]`` their
+    cluster; ``k`` clusters chosen by ``silhouette``; size ~ rank^-``power_law_alpha``
+    (fit ``power_law_r2``); ``largest_cluster`` its size."""
+
+    features: torch.Tensor
+    labels: np.ndarray
+    k: int
+    silhouette: float | None
+    power_law_alpha: float
+    power_law_r2: float
+    largest_cluster: int
 
 
 @dataclass(frozen=True)
@@ -72,17 +89,38 @@ class HeadLoadingClusters(Heuristic):
     id = "clusters"
     version = "0.1"
     needs = "activations"
-    requires = ("head_attribution", "dfa_head")
+    produces = HeadLoadingClusterSet
+    requires = (HeadAttributionMatrix, DFAHeadShares)
+    tables = (
+        Table("clusters", (Column("feature", "INTEGER", "SAE feature index (live features only)"),
+                           Column("cluster", "INTEGER", "k-means cluster"),
+                           Column("distance", "DOUBLE", "distance to the cluster's centroid")),
+              "head-loading k-means cluster of each live feature"),
+        Table("cluster_sizes", (Column("cluster", "INTEGER", "k-means cluster"),
+                                Column("size", "BIGINT", "features in it"),
+                                Column("top_head", "VARCHAR", "the centroid's largest head, layer.head"),
+                                Column("top_head_loading", "DOUBLE", "that head's loading")),
+              "one row per cluster"),
+        Table("cluster_sweep", (Column("k", "INTEGER", "number of clusters"),
+                                Column("silhouette", "DOUBLE", "silhouette score (sampled)"),
+                                Column("inertia", "DOUBLE", "k-means inertia")),
+              "the k sweep that chose k"),
+    )
+    views = (View("cluster_family_crosstab", """
+SELECT c.scan_id, c.cluster, coalesce(f.family, '(none)') AS family, count(*) AS features
+FROM clusters c LEFT JOIN families f ON f.scan_id = c.scan_id AND f.feature = c.feature
+GROUP BY ALL""", "clusters x families over every scan: scan_id, cluster, family ((none) = no family), features",
+                  ("clusters", "families")),)
     description = "k-means on head loadings of live features, k chosen by silhouette; size power law"
     Options = ClusterOptions
 
     def run(self, ctx) -> Result:
         o = self.options
         live = torch.nonzero(~ctx.stats.dead).flatten()
-        att = ctx.results["head_attribution"].data["attribution"][live]
+        att = ctx.output(HeadAttributionMatrix).attribution[live]
         X = att
         if o.use_dfa:
-            X = torch.cat([X, ctx.results["dfa_head"].data["share"][live]], 1)
+            X = torch.cat([X, ctx.output(DFAHeadShares).share[live]], 1)
         X = X.double().numpy()
         rows, labels, km = sweep_kmeans(X, o.k_min, o.k_max, ctx.config.seed, o.silhouette_sample)
         dist = np.linalg.norm(X - km.cluster_centers_[labels], axis=1)
@@ -98,7 +136,33 @@ class HeadLoadingClusters(Heuristic):
                                                    "size": sizes.astype(np.int64),
                                                    "top_head": [f"{ctx.layer}.{h}" for h in cent.argmax(1)],
                                                    "top_head_loading": cent.max(1)})},
-            data={"labels": labels, "features": live, "k": int(km.n_clusters)},
-            summary={"k": int(km.n_clusters), "silhouette": max((r["silhouette"] for r in rows
-                                                               if r["silhouette"] == r["silhouette"]), default=None),
-                     "power_law_alpha": alpha, "power_law_r2": r2, "largest_cluster": int(sizes.max())})
+            output=HeadLoadingClusterSet(live, labels, int(km.n_clusters),
+                                         max((r["silhouette"] for r in rows if r["silhouette"] == r["silhouette"]),
+                                             default=None), alpha, r2, int(sizes.max())))
+
+    @classmethod
+    def render_terminal(cls, section) -> None:
+        rows = section.query("""
+            SELECT c.cluster, count(*) AS size, any_value(z.top_head), any_value(z.top_head_loading),
+                   count(*) FILTER (WHERE p.family IS NOT NULL) AS explained, mode(p.family) AS top_family
+            FROM clusters c
+            JOIN cluster_sizes z ON z.scan_id = c.scan_id AND z.cluster = c.cluster
+            LEFT JOIN families p ON p.scan_id = c.scan_id AND p.feature = c.feature AND p.is_primary
+            WHERE c.scan_id = ? GROUP BY c.cluster ORDER BY size DESC""")
+        if not rows:
+            return
+        sm = section.summary
+        sil = sm.get("silhouette")
+        title = (f"Head-loading clusters: k = {sm.get('k')} by silhouette ({sil:.3f}); size ~ rank^-alpha, "
+                 f"alpha = {sm.get('power_law_alpha', float('nan')):.2f} (r2 {sm.get('power_law_r2', float('nan')):.2f})"
+                 if sil is not None else "Head-loading clusters")
+        section.table(title, ("cluster", "size", "top head", "loading", "in a family", "main family", "unexplained"),
+                      [(str(cl), str(n), head, f"{load:.2f}", str(expl), fam or "-", str(n - expl))
+                       for cl, n, head, load, expl, fam in rows])
+
+    @classmethod
+    def html_part(cls, section) -> dict:
+        return {"features": section.per_feature("SELECT feature, cluster FROM clusters WHERE scan_id = ?",
+                                                lambda r, card: card.__setitem__("cluster", r["cluster"])),
+                "clusters": section.rows("SELECT cluster, size, top_head, round(top_head_loading, 3) AS loading "
+                                         "FROM cluster_sizes WHERE scan_id = ? ORDER BY size DESC")}

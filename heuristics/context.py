@@ -34,8 +34,9 @@ import numpy as np
 import polars as pl
 import torch
 
-from famfind.families import Groups, family_result, random_control
-from famfind.plugins import Heuristic, Options, Result
+from famfind.families import FamilyOutcome, Groups, family_result, random_control
+from famfind.heuristics.dfa import DFASourceStats
+from famfind.plugins import Column, Heuristic, Options, Output, Result, Table
 
 DELIMITERS = set(".,;:!?)]}\"'")
 
@@ -91,10 +92,45 @@ class ContextRunsOptions(Options):
     long_run_fraction: float = 0.5
 
 
+@dataclass(frozen=True)
+class ContextRunStats(Output):
+    """Per feature ``[d_sae]``: ``runs`` (long) firing runs, ``mean_run_length`` (positions),
+    ``delimiter_fraction`` (of the runs ending inside a sequence, those ending at a
+    delimiter) and ``long_fraction`` (of firing positions, those in runs of at least
+    ``long_len`` positions), float64."""
+
+    runs: torch.Tensor
+    mean_run_length: torch.Tensor
+    delimiter_fraction: torch.Tensor
+    long_fraction: torch.Tensor
+    long_len: int
+
+
+@dataclass(frozen=True)
+class ContextFamily(FamilyOutcome):
+    """A context family (``score``: the run test's fraction)."""
+
+
+@dataclass(frozen=True)
+class ContextFamilies(Output):
+    """The two context families of ``context_features``."""
+
+    local_context: ContextFamily
+    high_level_context: ContextFamily
+
+
 class ContextRuns(Heuristic):
     id = "context_runs"
     version = "0.1"
     needs = "activations"
+    produces = ContextRunStats
+    tables = (Table("context_runs", (
+        Column("feature", "INTEGER", "SAE feature index"), Column("runs", "BIGINT", "firing runs"),
+        Column("mean_run_length", "DOUBLE", "firing positions per run"),
+        Column("delimiter_end_fraction", "DOUBLE", "runs ending inside a sequence that end at a delimiter"),
+        Column("long_runs", "BIGINT", "runs of at least long_run_fraction of the sequence"),
+        Column("long_run_position_fraction", "DOUBLE", "firing positions inside long runs")),
+        "per live feature: its firing runs"),)
     description = "Per-feature firing run lengths and where runs end (delimiters)"
     Options = ContextRunsOptions
 
@@ -109,6 +145,10 @@ class ContextRuns(Heuristic):
         for k, v in part.items():
             self.acc[k] = self.acc[k] + v if k in self.acc else v
 
+    def merge(self, other: "ContextRuns") -> None:
+        for k, v in other.acc.items():
+            self.acc[k] = self.acc[k] + v.to(self.acc[k].device) if k in self.acc else v
+
     def run(self, ctx) -> Result:
         a = {k: v.cpu() for k, v in self.acc.items()}
         fire = ctx.stats.fire_count
@@ -121,9 +161,8 @@ class ContextRuns(Heuristic):
             "runs": a["runs"][live].numpy(), "mean_run_length": mean_len[live].numpy(),
             "delimiter_end_fraction": delim_frac[live].numpy(), "long_runs": a["long_runs"][live].numpy(),
             "long_run_position_fraction": long_frac[live].numpy()})
-        return Result(tables={"context_runs": df},
-                      data={"runs": a["runs"], "mean_run_length": mean_len, "delimiter_fraction": delim_frac,
-                            "long_fraction": long_frac, "long_len": self.long_len})
+        return Result(output=ContextRunStats(a["runs"], mean_len, delim_frac, long_frac, self.long_len),
+                      tables={"context_runs": df})
 
 
 @dataclass(frozen=True)
@@ -143,36 +182,37 @@ class ContextFeatures(Heuristic):
     id = "context_features"
     version = "0.1"
     needs = "activations"
-    requires = ("context_runs", "dfa_source")
+    produces = ContextFamilies
+    requires = (ContextRunStats, DFASourceStats)
     description = "Local-context (short runs ending at delimiters) and high-level-context (long runs) features"
     Options = ContextFeaturesOptions
 
     def run(self, ctx) -> Result:
         o = self.options
-        r = ctx.results["context_runs"].data
-        src = ctx.results["dfa_source"].data
+        r = ctx.output(ContextRunStats)
+        src = ctx.output(DFASourceStats)
         live = ~ctx.stats.dead
         T = ctx.corpus.tokens.shape[1]
-        has_ex = src["n_examples"] > 0
-        local_sel = live & has_ex & (src["token_consistency"] >= o.consistency) \
-            & (src["offset_consistency"] <= o.max_offset_consistency)
-        high_sel = live & has_ex & (src["top_share_mean"] < o.max_top_share)
-        local_ok = (r["runs"] >= o.min_runs) & (r["mean_run_length"] >= o.min_local_len) \
-            & (r["mean_run_length"] <= o.max_local_fraction * T) & (r["delimiter_fraction"] >= o.delimiter_fraction)
-        high_ok = (r["runs"] > 0) & (r["long_fraction"] >= o.long_fraction)
-        out = Result()
-        for fam, sel, ok, score in (("local_context", local_sel, local_ok, r["delimiter_fraction"]),
-                                    ("high_level_context", high_sel, high_ok, r["long_fraction"])):
+        has_ex = src.n_examples > 0
+        local_sel = live & has_ex & (src.token_consistency >= o.consistency) \
+            & (src.offset_consistency <= o.max_offset_consistency)
+        high_sel = live & has_ex & (src.top_share_mean < o.max_top_share)
+        local_ok = (r.runs >= o.min_runs) & (r.mean_run_length >= o.min_local_len) \
+            & (r.mean_run_length <= o.max_local_fraction * T) & (r.delimiter_fraction >= o.delimiter_fraction)
+        high_ok = (r.runs > 0) & (r.long_fraction >= o.long_fraction)
+        out, fams = Result(), {}
+        for fam, sel, ok, score in (("local_context", local_sel, local_ok, r.delimiter_fraction),
+                                    ("high_level_context", high_sel, high_ok, r.long_fraction)):
             g = Groups(sel, random_control(live & ~sel, o.control_size, ctx.generator), torch.zeros(sel.shape[0]))
-            res = family_result(fam, g, score.float(), ok,
-                                {"mean_run_length": r["mean_run_length"].float(),
-                                 "delimiter_fraction": r["delimiter_fraction"].float(),
-                                 "long_fraction": r["long_fraction"].float(),
-                                 "dfa_token_consistency": src["token_consistency"].float(),
-                                 "dfa_top_share": src["top_share_mean"].float()})
+            res = family_result(ContextFamily, fam, g, score.float(), ok,
+                                {"mean_run_length": r.mean_run_length.float(),
+                                 "delimiter_fraction": r.delimiter_fraction.float(),
+                                 "long_fraction": r.long_fraction.float(),
+                                 "dfa_token_consistency": src.token_consistency.float(),
+                                 "dfa_top_share": src.top_share_mean.float()})
             out.detections += res.detections
             out.families += res.families
             out.validation += res.validation
-            out.summary[fam] = res.summary
-            out.data[fam] = res.data
+            fams[fam] = res.output
+        out.output = ContextFamilies(**fams)
         return out

@@ -23,7 +23,36 @@ import torch
 
 from famfind.dfa import HeadDFAAccumulator, dfa_by_source
 from famfind.families import mode_per_feature
-from famfind.plugins import Heuristic, Options, Result
+from famfind.plugins import Column, Heuristic, Options, Output, Result, Table
+
+
+@dataclass(frozen=True)
+class DFAHeadShares(Output):
+    """``share [d_sae, n_heads]`` float: each head's share of the feature's DFA variance where
+    it fires (rows sum to 1 for features that fired; 0 rows otherwise); ``tokens``: corpus
+    positions it was measured on."""
+
+    share: torch.Tensor
+    tokens: int
+
+
+@dataclass(frozen=True)
+class DFASourceStats(Output):
+    """Per feature ``[d_sae]``, over its top examples: ``n_examples`` (long);
+    ``top_share_mean`` the mean share of the heads' pre-activation carried by the top source;
+    ``token_consistency`` / ``offset_consistency`` the fraction of examples whose top source
+    is the most common token / distance; ``mode_token`` / ``mode_offset`` those (-1: none);
+    ``self_fraction`` the fraction whose top source is the firing position itself."""
+
+    n_examples: torch.Tensor
+    top_share_mean: torch.Tensor
+    token_consistency: torch.Tensor
+    offset_consistency: torch.Tensor
+    mode_token: torch.Tensor
+    mode_offset: torch.Tensor
+    self_fraction: torch.Tensor
+    examples: int
+    sequences: int
 
 
 @dataclass(frozen=True)
@@ -36,6 +65,12 @@ class DFAHead(Heuristic):
     id = "dfa_head"
     version = "0.1"
     needs = "activations"
+    produces = DFAHeadShares
+    tables = (Table("dfa_head", (
+        Column("feature", "INTEGER", "SAE feature index"), Column("layer", "INTEGER", "layer of the head"),
+        Column("head", "INTEGER", "head index"),
+        Column("share", "FLOAT", "share of the feature's DFA variance where it fires")),
+        "per live feature and head: DFA by head (Kissane et al. 2024)"),)
     description = "Per feature, each head's share of DFA variance where it fires (Kissane et al. 2024)"
     Options = DFAHeadOptions
 
@@ -44,12 +79,23 @@ class DFAHead(Heuristic):
         self.acc = HeadDFAAccumulator(ctx.sae.d_sae, ctx.model.cfg.n_heads, ctx.config.device)
         self.b_dec = ctx.sae.b_dec if ctx.sae.apply_b_dec_to_input else None
         self.W_enc_T = ctx.sae.W_enc.T.contiguous()  # [d_sae, d_in]: row gathers are cheap
+        T = ctx.corpus.tokens.shape[1]  # the first max_tokens positions, whole sequences (rounded up)
+        self.n_seq = -(-self.options.max_tokens // T) if self.options.max_tokens else ctx.corpus.tokens.shape[0]
 
     def observe(self, batch, ctx) -> None:
-        if self.options.max_tokens and self.seen >= self.options.max_tokens:
+        keep = int((batch.seq_idx < self.n_seq).sum())  # batches are contiguous: a prefix of the rows
+        if keep == 0:
             return
-        self.acc.update(batch.z, batch.acts, self.W_enc_T, self.b_dec, batch.firing)
-        self.seen += batch.tokens.numel()
+        if keep < batch.seq_idx.numel():
+            z, acts = batch.z[:keep], batch.acts[:keep]
+            self.acc.update(z, acts, self.W_enc_T, self.b_dec, None)
+        else:
+            self.acc.update(batch.z, batch.acts, self.W_enc_T, self.b_dec, batch.firing)
+        self.seen += keep * batch.tokens.shape[1]
+
+    def merge(self, other: "DFAHead") -> None:
+        self.acc.merge(other.acc)
+        self.seen += other.seen
 
     def run(self, ctx) -> Result:
         share = self.acc.share()  # [d_sae, n_heads]
@@ -61,7 +107,13 @@ class DFAHead(Heuristic):
             "head": np.tile(np.arange(H), live.size).astype(np.int32),
             "share": share[live].reshape(-1).numpy().astype(np.float32),
         })
-        return Result(tables={"dfa_head": df}, data={"share": share}, summary={"tokens": self.seen})
+        return Result(output=DFAHeadShares(share, self.seen), tables={"dfa_head": df})
+
+    @classmethod
+    def html_part(cls, section) -> dict:
+        return {"features": section.per_feature(
+            "SELECT feature, round(share, 3) AS s FROM dfa_head WHERE scan_id = ? ORDER BY feature, head",
+            lambda r, card: card.setdefault("dfa", []).append(r["s"]))}
 
 
 @dataclass(frozen=True)
@@ -75,6 +127,17 @@ class DFASource(Heuristic):
     id = "dfa_source"
     version = "0.1"
     needs = "activations"
+    produces = DFASourceStats
+    tables = (Table("dfa_source", (
+        Column("feature", "INTEGER", "SAE feature index"),
+        Column("example_rank", "INTEGER", "rank of the top example"),
+        Column("seq", "INTEGER", "corpus sequence"), Column("pos", "INTEGER", "firing position"),
+        Column("source_rank", "INTEGER", "0 = the source carrying most"),
+        Column("src_pos", "INTEGER", "source position"), Column("distance", "INTEGER", "pos - src_pos"),
+        Column("token", "INTEGER", "token at the source"), Column("token_str", "VARCHAR", "its text"),
+        Column("contribution", "FLOAT", "the source's part of the pre-activation"),
+        Column("share", "FLOAT", "of the heads' part of the pre-activation")),
+        "DFA by source position on each live feature's top examples"),)
     description = "DFA by source position on each feature's top-activating examples"
     Options = DFASourceOptions
 
@@ -134,8 +197,12 @@ class DFASource(Heuristic):
         self_frac = torch.zeros(F).index_add_(0, feat, (offset[:, 0] == 0).float()) / n_ex.clamp_min(1)
         tok_cons = n_tok.float() / n_ex.clamp_min(1)
         off_cons = n_off.float() / n_ex.clamp_min(1)
-        return Result(tables={"dfa_source": df},
-                      data={"n_examples": n_ex, "top_share_mean": share_mean,
-                            "token_consistency": tok_cons, "offset_consistency": off_cons,
-                            "mode_token": mode_tok, "mode_offset": mode_off, "self_fraction": self_frac},
-                      summary={"examples": n, "sequences": int(uniq.numel())})
+        return Result(output=DFASourceStats(n_ex, share_mean, tok_cons, off_cons, mode_tok, mode_off, self_frac,
+                                            n, int(uniq.numel())), tables={"dfa_source": df})
+
+    @classmethod
+    def html_part(cls, section) -> dict:
+        return {"features": section.per_feature(
+            "SELECT feature, token_str, distance, round(share, 3) AS s FROM dfa_source WHERE scan_id = ? "
+            "AND example_rank = 0 ORDER BY feature, source_rank",
+            lambda r, card: card.setdefault("sources", []).append([r["token_str"], r["distance"], r["s"]]))}

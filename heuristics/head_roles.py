@@ -8,8 +8,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from famfind.plugins import HeadScore, Heuristic, Options, Result
+import torch
+
+from famfind.families import head_names, role_heads
+from famfind.plugins import HeadScore, Heuristic, Options, Output, Result
 from famfind.roles import head_scores
+
+
+@dataclass(frozen=True)
+class HeadRoleScores(Output):
+    """``scores``: metric (``induction``, ``duplicate_token``, ``previous_token``) ->
+    ``[layer + 1, n_heads]`` mean attention to the metric's target offset, in [0, 1], for
+    every layer up to the SAE's; ``induction_heads``: heads of the SAE's ``layer`` whose
+    induction score reaches the threshold (names ``"layer.head"``)."""
+
+    scores: dict[str, torch.Tensor]
+    layer: int
+    induction_heads: list[int]
+    induction_head_names: list[str]
+    best_induction_head: str
+    best_induction_score: float
 
 
 @dataclass(frozen=True)
@@ -23,6 +41,7 @@ class HeadRoles(Heuristic):
     id = "head_roles"
     version = "0.1"
     needs = "model"
+    produces = HeadRoleScores
     description = "Per-head induction / duplicate-token / previous-token scores on repeated random tokens"
     Options = HeadRolesOptions
 
@@ -33,9 +52,8 @@ class HeadRoles(Heuristic):
         rows = [HeadScore(lyr, h, metric, float(s[lyr, h]))
                 for metric, s in scores.items() for lyr in layers for h in range(H)]
         ind = scores["induction"][ctx.layer]
-        heads = [h for h in range(H) if ind[h] >= o.induction_head_threshold]
+        heads = role_heads(ind, o.induction_head_threshold)
         best = int(ind.argmax())
-        return Result(head_scores=rows, data={"scores": scores, "induction_heads": heads},
-                      summary={"induction_heads": [f"{ctx.layer}.{h}" for h in heads],
-                               "best_induction_head": f"{ctx.layer}.{best}",
-                               "best_induction_score": round(float(ind[best]), 4)})
+        return Result(output=HeadRoleScores(scores, ctx.layer, heads, head_names(ctx.layer, heads),
+                                            f"{ctx.layer}.{best}", round(float(ind[best]), 4)),
+                      head_scores=rows)

@@ -20,8 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-from famfind.families import attribution_groups
-from famfind.plugins import Detection, FamilyMember, Heuristic, Options, Result, Validation
+from famfind.activations import EMPTY, best_rows, encode_hook
+from famfind.families import FamilyOutcome, attribution_groups, family_result
+from famfind.heuristics.attribution import HeadAttributionMatrix, TopBoostedTokens
+from famfind.heuristics.head_roles import HeadRoleScores
+from famfind.plugins import Detection, Heuristic, Options, Output, Result, Validation
 
 
 @dataclass(frozen=True)
@@ -73,34 +76,61 @@ def behaviour_checks(tokens: torch.Tensor, acts: torch.Tensor, top_token: torch.
     return eligible, eligible & ~bad_first & ok_later
 
 
+@dataclass(frozen=True)
+class InductionBehaviourRates(Output):
+    """Per feature ``[d_sae]``: ``pass_rate`` (float64 in [0, 1]) over ``n_sequences`` (long)
+    eligible sequences, ``tested`` (at least ``min_sequences``) and ``passed`` (tested and
+    pass rate > the threshold), bool. ``n_tested``/``n_passed``: their counts."""
+
+    pass_rate: torch.Tensor
+    n_sequences: torch.Tensor
+    tested: torch.Tensor
+    passed: torch.Tensor
+    n_tested: int
+    n_passed: int
+
+
 class InductionBehaviour(Heuristic):
     id = "induction_behaviour"
     version = "0.1"
     needs = "activations"
-    requires = ("feature_logits",)
+    produces = InductionBehaviourRates
+    requires = (TopBoostedTokens,)
     description = "Pass rate of the paper's induction behaviour test, all features at once"
     Options = BehaviourOptions
 
     def start(self, ctx) -> None:
-        self.top = ctx.results["feature_logits"].data["top_token"].to(ctx.config.device)
+        dev, n = ctx.config.device, self.options.n_sequences
+        self.top = ctx.output(TopBoostedTokens).top_token.to(dev)
         F = ctx.sae.d_sae
-        self.n_eval = torch.zeros(F, dtype=torch.long, device=ctx.config.device)
-        self.n_pass = torch.zeros(F, dtype=torch.long, device=ctx.config.device)
+        # each feature's first n_sequences eligible sequences (corpus rows, ascending) and whether each passed
+        self.seq = torch.full((n, F), EMPTY, dtype=torch.long, device=dev)
+        self.ok = torch.zeros(n, F, dtype=torch.bool, device=dev)
+        self.count = torch.zeros(F, dtype=torch.long, device=dev)
 
     def observe(self, batch, ctx) -> None:
-        c = self.options.feature_chunk
+        c, n = self.options.feature_chunk, self.options.n_sequences
+        rows = batch.seq_idx.to(self.seq.device)
         for s in range(0, self.top.shape[0], c):
             elig, passed = behaviour_checks(batch.tokens, batch.acts[..., s:s + c], self.top[s:s + c],
                                             self.options.later_rule)
-            # keep each feature's first n_sequences eligible sequences, in corpus order
-            rank = elig.long().cumsum(0) + self.n_eval[None, s:s + c]
-            keep = elig & (rank <= self.options.n_sequences)
-            self.n_eval[s:s + c] += keep.sum(0)
-            self.n_pass[s:s + c] += (passed & keep).sum(0)
+            slot = elig.long().cumsum(0) - 1 + self.count[None, s:s + c]  # [batch, chunk]
+            keep = elig & (slot < n)
+            b, f = torch.nonzero(keep, as_tuple=True)
+            self.seq[slot[b, f], f + s] = rows[b]
+            self.ok[slot[b, f], f + s] = passed[b, f]
+            self.count[s:s + c] += keep.sum(0)
+
+    def merge(self, other: "InductionBehaviour") -> None:
+        n = self.options.n_sequences
+        self.seq, self.ok = best_rows([torch.cat([self.seq, other.seq.to(self.seq.device)])],
+                                      [torch.cat([self.seq, other.seq.to(self.seq.device)]),
+                                       torch.cat([self.ok, other.ok.to(self.ok.device)])], n, largest=False)
+        self.count = (self.count + other.count.to(self.count.device)).clamp_max(n)
 
     def run(self, ctx) -> Result:
         o = self.options
-        n_eval, n_pass = self.n_eval.cpu(), self.n_pass.cpu()
+        n_eval, n_pass = self.count.cpu(), self.ok.sum(0).cpu()
         rate = n_pass.double() / n_eval.clamp_min(1)
         tested = n_eval >= o.min_sequences
         passed = tested & (rate > o.pass_threshold)
@@ -108,9 +138,8 @@ class InductionBehaviour(Heuristic):
         dets = [Detection(int(f), float(rate[f]), bool(passed[f]),
                           {"n_sequences": int(n_eval[f]), "n_passed": int(n_pass[f]), "top_token": int(top[f])})
                 for f in torch.nonzero(n_eval > 0).flatten().tolist()]
-        return Result(detections=dets, data={"pass_rate": rate, "n_sequences": n_eval,
-                                             "tested": tested, "passed": passed},
-                      summary={"tested": int(tested.sum()), "passed": int(passed.sum())})
+        return Result(output=InductionBehaviourRates(rate, n_eval, tested, passed, int(tested.sum()),
+                                                     int(passed.sum())), detections=dets)
 
 
 @dataclass(frozen=True)
@@ -120,39 +149,54 @@ class SelectionOptions(Options):
     control_size: int = 500  # paper: 500 control features (all if fewer)
 
 
+@dataclass(frozen=True)
+class InductionFamily(FamilyOutcome):
+    """The induction family: selected on induction heads, passed = the behaviour test
+    (``score``: the largest attribution to one induction head; confidence: the pass rate)."""
+
+
+# Kissane et al. (2024), automated induction-feature analysis on gelu-2l's L1 attention SAE
+PAPER_INDUCTION = {"selected": 586, "passed": 450, "control": 500, "control_passed": 3,
+                   "ablation_tested": 450, "ablation_off": 443}
+
+
 class InductionSelection(Heuristic):
     id = "induction_selection"
     version = "0.1"
     needs = "activations"
-    requires = ("head_roles", "head_attribution", "induction_behaviour")
+    produces = InductionFamily
+    requires = (HeadRoleScores, HeadAttributionMatrix, InductionBehaviourRates)
     description = "Select features on induction heads; validate against a random control group"
     Options = SelectionOptions
 
     def run(self, ctx) -> Result:
         o = self.options
-        heads = ctx.results["head_roles"].data["induction_heads"]
-        att = ctx.results["head_attribution"].data["attribution"]  # [d_sae, n_heads]
-        beh = ctx.results["induction_behaviour"].data
-        g = attribution_groups(att, heads, ~ctx.stats.dead, o.selection_threshold, o.control_max_attribution,
-                               o.control_size, ctx.generator)
-        selected, control, best = g.selected, g.control, g.role_attribution
-        passed = beh["passed"]
-        dets, fams = [], []
-        for group, mask in (("selected", selected), ("control", control)):
-            for f in torch.nonzero(mask).flatten().tolist():
-                ev = {"group": group, "induction_attribution": round(float(best[f]), 4),
-                      "pass_rate": round(float(beh["pass_rate"][f]), 4),
-                      "n_sequences": int(beh["n_sequences"][f])}
-                dets.append(Detection(f, float(best[f]), bool(passed[f]) and group == "selected", ev))
-                if group == "selected" and passed[f]:
-                    fams.append(FamilyMember("induction", f, float(beh["pass_rate"][f])))
-        val = Validation("induction", int(selected.sum()), int((selected & passed).sum()),
-                         int(control.sum()), int((control & passed).sum()))
-        return Result(detections=dets, families=fams, validation=[val],
-                      data={"selected": selected, "control": control, "family": selected & passed},
-                      summary={"induction_heads": [f"{ctx.layer}.{h}" for h in heads],
-                               "selected": val.selected, "passed": val.passed,
-                               "control": val.control, "control_passed": val.control_passed})
+        roles = ctx.output(HeadRoleScores)
+        att = ctx.output(HeadAttributionMatrix).attribution  # [d_sae, n_heads]
+        beh = ctx.output(InductionBehaviourRates)
+        g = attribution_groups(att, roles.induction_heads, ~ctx.stats.dead, o.selection_threshold,
+                               o.control_max_attribution, o.control_size, ctx.generator)
+        return family_result(InductionFamily, "induction", g, g.role_attribution, beh.passed,
+                             {"pass_rate": beh.pass_rate, "n_sequences": beh.n_sequences},
+                             roles.induction_head_names, confidence=beh.pass_rate)
+
+    @classmethod
+    def render_terminal(cls, section) -> None:
+        s = section.summary
+        v = section.query("SELECT selected, passed, control, control_passed, ablation_tested, ablation_off "
+                          "FROM validation WHERE scan_id = ? AND family = 'induction'")
+        if v:
+            fmt = lambda x: "-" if x is None else str(x)  # noqa: E731
+            p = PAPER_INDUCTION
+            section.table("Induction family against the paper (gelu-2l, Kissane et al. 2024)",
+                          ("", "selected", "passed behaviour", "control", "control passed", "ablation tested",
+                           "turned off by ablation"),
+                          [("this scan", *map(fmt, v[0])),
+                           ("paper", *(str(p[k]) for k in ("selected", "passed", "control", "control_passed",
+                                                           "ablation_tested", "ablation_off")))])
+        heads = s.get("role_heads", s.get("induction_heads"))
+        section.line("induction heads used for selection: " + (", ".join(heads) if heads else
+                     "none reached head_roles.induction_head_threshold, so no feature can be selected"))
 
 
 @dataclass(frozen=True)
@@ -162,41 +206,50 @@ class AblationOptions(Options):
     min_fires: int = 3  # fewer clean firings in the sample: untested
 
 
+@dataclass(frozen=True)
+class InductionAblationCounts(Output):
+    """Family features with at least ``min_fires`` clean firings (``tested``) and of those
+    turned off by mean-ablating the induction heads (``turned_off``); ``heads`` ablated."""
+
+    tested: int
+    turned_off: int
+    heads: list[str]
+
+
 class InductionAblation(Heuristic):
     id = "induction_ablation"
     version = "0.1"
-    needs = "model"
-    requires = ("induction_selection",)
+    needs = "activations"  # mean-ablation uses the pass's mean hook_z
+    produces = InductionAblationCounts
+    requires = (HeadRoleScores, InductionFamily)
     description = "Mean-ablate the induction head(s); which family features turn off"
     Options = AblationOptions
 
     def run(self, ctx) -> Result:
         o = self.options
-        heads = ctx.results["head_roles"].data["induction_heads"]
-        fam = ctx.results["induction_selection"].data["family"]
-        feats = torch.nonzero(fam).flatten()
+        roles = ctx.output(HeadRoleScores)
+        heads = roles.induction_heads
+        feats = torch.nonzero(ctx.output(InductionFamily).members).flatten()
         if not heads or feats.numel() == 0:
-            return Result(validation=[Validation("induction", ablation_tested=0, ablation_off=0)],
-                          summary={"tested": 0, "turned_off": 0})
+            return Result(output=InductionAblationCounts(0, 0, roles.induction_head_names),
+                          validation=[Validation("induction", ablation_tested=0, ablation_off=0)])
         n = min(o.n_sequences, ctx.corpus.tokens.shape[0])
         idx = torch.randperm(ctx.corpus.tokens.shape[0], generator=ctx.generator)[:n]
         ablate = {(ctx.layer, h): ctx.stats.mean_z[h].to(ctx.config.device) for h in heads}
-        sae = ctx.sae
         clean = torch.zeros(feats.numel(), dtype=torch.long)
         abl = torch.zeros(feats.numel(), dtype=torch.long)
         bs = ctx.config.batch_size
+        fd = feats.to(ctx.config.device)
         for s in range(0, n, bs):
             toks = ctx.corpus.tokens[idx[s:s + bs]].to(ctx.config.device)
-            z = ctx.model.run_hook_z(toks, ctx.layer)
-            za = ctx.model.run_hook_z(toks, ctx.layer, ablate=ablate)
-            clean += (sae.encode(z.flatten(-2))[..., feats] > 0).sum((0, 1)).cpu()
-            abl += (sae.encode(za.flatten(-2))[..., feats] > 0).sum((0, 1)).cpu()
+            clean += (encode_hook(ctx.model, ctx.sae, toks)[1][..., fd] > 0).sum((0, 1)).cpu()
+            abl += (encode_hook(ctx.model, ctx.sae, toks, ablate=ablate)[1][..., fd] > 0).sum((0, 1)).cpu()
         tested = clean >= o.min_fires
         off = tested & (abl <= o.off_fraction * clean)
         dets = [Detection(int(f), float(1 - abl[i] / max(int(clean[i]), 1)), bool(off[i]),
                           {"clean_fires": int(clean[i]), "ablated_fires": int(abl[i]),
-                           "heads": [f"{ctx.layer}.{h}" for h in heads]})
+                           "heads": roles.induction_head_names})
                 for i, f in enumerate(feats.tolist()) if tested[i]]
         val = Validation("induction", ablation_tested=int(tested.sum()), ablation_off=int(off.sum()))
-        return Result(detections=dets, validation=[val],
-                      summary={"tested": int(tested.sum()), "turned_off": int(off.sum())})
+        return Result(output=InductionAblationCounts(int(tested.sum()), int(off.sum()), roles.induction_head_names),
+                      detections=dets, validation=[val])

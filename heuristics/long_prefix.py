@@ -23,9 +23,26 @@ from dataclasses import dataclass
 import polars as pl
 import torch
 
-from famfind.families import Groups, encode_last, family_result, random_control
-from famfind.plugins import HeadScore, Heuristic, Options, Result
+from famfind.families import FamilyOutcome, Groups, encode_last, family_result, head_names, random_control
+from famfind.heuristics.attribution import TopBoostedTokens
+from famfind.heuristics.induction import InductionFamily
+from famfind.plugins import Column, HeadScore, Heuristic, Options, Output, Result, Table
 from famfind.prompts import bos_id, long_prefix_prompts
+
+
+@dataclass(frozen=True)
+class LongPrefixHeadSet(Output):
+    """``heads``: long-prefix heads of the SAE's layer (``long_prefix_heads``: ``"layer.head"``);
+    ``curve [max_prefix, n_heads]``: induction score (mean attention, [0, 1]) by prefix length."""
+
+    heads: list[int]
+    long_prefix_heads: list[str]
+    curve: torch.Tensor
+
+
+@dataclass(frozen=True)
+class LongPrefixFamily(FamilyOutcome):
+    """Long-prefix induction features (``score``: firing rate at long prefixes minus at k = 1)."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +66,12 @@ class LongPrefixHeads(Heuristic):
     id = "long_prefix_heads"
     version = "0.1"
     needs = "model"
+    produces = LongPrefixHeadSet
+    tables = (Table("head_prefix_curve", (
+        Column("layer", "INTEGER", "layer of the head"), Column("head", "INTEGER", "head index"),
+        Column("prefix_len", "INTEGER", "matching prefix length k"),
+        Column("score", "DOUBLE", "induction score (mean attention) at k")),
+        "per head: induction score by matching prefix length"),)
     description = "Per-head induction score vs matching prefix length 1..9 (Kissane et al. 2024)"
     Options = LongPrefixHeadsOptions
 
@@ -66,9 +89,9 @@ class LongPrefixHeads(Heuristic):
         df = pl.DataFrame({"layer": [L] * (o.max_prefix * H), "head": list(range(H)) * o.max_prefix,
                            "prefix_len": [k for k in range(1, o.max_prefix + 1) for _ in range(H)],
                            "score": curve.reshape(-1).tolist()})
-        return Result(head_scores=[HeadScore(L, h, "long_prefix", float(metric[h])) for h in range(H)],
-                      tables={"head_prefix_curve": df}, data={"heads": heads, "curve": curve},
-                      summary={"long_prefix_heads": [f"{L}.{h}" for h in heads]})
+        return Result(output=LongPrefixHeadSet(heads, head_names(L, heads), curve),
+                      head_scores=[HeadScore(L, h, "long_prefix", float(metric[h])) for h in range(H)],
+                      tables={"head_prefix_curve": df})
 
 
 @dataclass(frozen=True)
@@ -85,16 +108,21 @@ class LongPrefixFeatures(Heuristic):
     id = "long_prefix_features"
     version = "0.1"
     needs = "activations"
-    requires = ("induction_selection", "feature_logits")
+    produces = LongPrefixFamily
+    requires = (InductionFamily, TopBoostedTokens)
+    tables = (Table("feature_prefix_curve", (
+        Column("feature", "INTEGER", "SAE feature index"), Column("prefix_len", "INTEGER", "matching prefix length k"),
+        Column("fire_rate", "DOUBLE", "share of prompts where it fires at k")),
+        "per tested feature: firing rate by matching prefix length"),)
     description = "Induction features whose firing depends on the length of the matching prefix"
     Options = LongPrefixFeaturesOptions
 
     def run(self, ctx) -> Result:
         o, m = self.options, ctx.model
-        ind = ctx.results["induction_selection"].data
-        top = ctx.results["feature_logits"].data["top_token"]
-        ctl = random_control(ind["control"], self.options.control_size, ctx.generator)
-        g = Groups(ind["selected"], ctl, torch.zeros(ind["selected"].shape[0]))
+        ind = ctx.output(InductionFamily)
+        top = ctx.output(TopBoostedTokens).top_token
+        ctl = random_control(ind.control, self.options.control_size, ctx.generator)
+        g = Groups(ind.selected, ctl, torch.zeros(ind.selected.shape[0]))
         F = top.shape[0]
         feats = torch.nonzero(g.selected | g.control).flatten()
         rate = torch.zeros(o.max_prefix, F)
@@ -103,14 +131,14 @@ class LongPrefixFeatures(Heuristic):
         for k in range(1, o.max_prefix + 1):
             toks, dest, src = _prompts(m, o, k, o.n_seqs * Bs.numel(), ctx.generator)
             toks[:, src] = Bs.repeat_interleave(o.n_seqs)
-            acts = encode_last(m, ctx.sae, toks[:, :dest + 1], ctx.layer, batch_size=256,
+            acts = encode_last(m, ctx.sae, toks[:, :dest + 1], batch_size=256,
                                device=ctx.config.device)[:, feats] > 0  # [nB * n_seqs, n_tested]
             fired = acts.view(Bs.numel(), o.n_seqs, -1).float().mean(1)  # [nB, n_tested]
             rate[k - 1, feats] = fired[block, torch.arange(feats.numel())]
         score = rate[o.long_from - 1:].mean(0) - rate[0]
         passed = score > o.pass_threshold
-        res = family_result("long_prefix_induction", g, score, passed,
-                            {"fire_rate_k1": rate[0], "fire_rate_long": rate[o.long_from - 1:].mean(0)})
+        res = family_result(LongPrefixFamily, "long_prefix_induction", g, score, passed,
+                            {"fire_rate_k1": rate[0], "fire_rate_long": rate[o.long_from - 1:].mean(0)}, ind.role_heads)
         res.tables["feature_prefix_curve"] = pl.DataFrame({
             "feature": [f for f in feats.tolist() for _ in range(o.max_prefix)],
             "prefix_len": list(range(1, o.max_prefix + 1)) * feats.numel(),

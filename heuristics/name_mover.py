@@ -22,9 +22,27 @@ from dataclasses import dataclass
 
 import torch
 
-from famfind.families import attribution_groups, encode_last, family_result
-from famfind.plugins import HeadScore, Heuristic, Options, Result
+from famfind.families import FamilyOutcome, attribution_groups, encode_last, family_result, head_names
+from famfind.heuristics.attribution import HeadAttributionMatrix
+from famfind.plugins import HeadScore, Heuristic, Options, Output, Result
 from famfind.prompts import ioi_prompts
+
+
+@dataclass(frozen=True)
+class NameMoverHeadSet(Output):
+    """``heads``: name-mover heads of the SAE's layer (``name_mover_heads``: ``"layer.head"``);
+    ``batches``: the IOI prompts (:class:`famfind.prompts.IOIBatch`); ``prompts``: how many."""
+
+    heads: list[int]
+    name_mover_heads: list[str]
+    batches: list
+    prompts: int
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class NameMoverFamily(FamilyOutcome):
+    """Name-mover features (``score``: share of firing IOI prompts where the feature raises IO over S)."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +56,7 @@ class NameMoverHeads(Heuristic):
     id = "name_mover_heads"
     version = "0.1"
     needs = "model"
+    produces = NameMoverHeadSet
     description = "Per-head attention END->IO and direct logit diff IO-S on IOI prompts (Wang et al. 2022)"
     Options = NameMoverHeadsOptions
 
@@ -46,8 +65,7 @@ class NameMoverHeads(Heuristic):
         H = m.cfg.n_heads
         batches = ioi_prompts(m.tokenizer, o.n_per_template, ctx.generator)
         if not batches:
-            return Result(data={"heads": [], "batches": []},
-                          summary={"prompts": 0, "note": "fewer than 2 IOI names are single tokens in this vocab"})
+            return Result(output=NameMoverHeadSet([], [], [], 0, "fewer than 2 IOI names are single tokens in this vocab"))
         W_O, W_U = m.W_O(L), m.W_U()
         att_sum, ld_sum, n = torch.zeros(H), torch.zeros(H), 0
         for b in batches:
@@ -62,8 +80,7 @@ class NameMoverHeads(Heuristic):
         heads = [h for h in range(H) if att[h] >= o.attention_threshold and ld[h] > o.min_logit_diff]
         rows = [HeadScore(L, h, "name_mover_attention", float(att[h])) for h in range(H)] + \
                [HeadScore(L, h, "name_mover_logit_diff", float(ld[h])) for h in range(H)]
-        return Result(head_scores=rows, data={"heads": heads, "batches": batches},
-                      summary={"name_mover_heads": [f"{L}.{h}" for h in heads], "prompts": n})
+        return Result(output=NameMoverHeadSet(heads, head_names(L, heads), batches, n), head_scores=rows)
 
 
 @dataclass(frozen=True)
@@ -79,30 +96,31 @@ class NameMoverFeatures(Heuristic):
     id = "name_mover_features"
     version = "0.1"
     needs = "activations"
-    requires = ("name_mover_heads", "head_attribution")
+    produces = NameMoverFamily
+    requires = (NameMoverHeadSet, HeadAttributionMatrix)
     description = "Features on name-mover heads that fire at END of IOI prompts and boost the IO name"
     Options = NameMoverFeaturesOptions
 
     def run(self, ctx) -> Result:
         o, m, L, sae = self.options, ctx.model, ctx.layer, ctx.sae
-        nm = ctx.results["name_mover_heads"].data
-        att = ctx.results["head_attribution"].data["attribution"]
-        g = attribution_groups(att, nm["heads"], ~ctx.stats.dead, o.selection_threshold,
+        nm = ctx.output(NameMoverHeadSet)
+        att = ctx.output(HeadAttributionMatrix).attribution
+        g = attribution_groups(att, nm.heads, ~ctx.stats.dead, o.selection_threshold,
                                o.control_max_attribution, o.control_size, ctx.generator)
         F = att.shape[0]
         fires, good = torch.zeros(F), torch.zeros(F)
         feats = torch.nonzero(g.selected | g.control).flatten()
-        if feats.numel() and nm["batches"]:
+        if feats.numel() and nm.batches:
             H, dh = m.cfg.n_heads, m.cfg.d_head
             resid = torch.einsum("fhd,hdm->fm", sae.W_dec[feats.to(sae.W_dec.device)].reshape(-1, H, dh), m.W_O(L))
             W_U = m.W_U()
-            for b in nm["batches"]:
-                acts = encode_last(m, sae, b.tokens, L, device=ctx.config.device)[:, feats]  # [n, nf]
+            for b in nm.batches:
+                acts = encode_last(m, sae, b.tokens, device=ctx.config.device)[:, feats]  # [n, nf]
                 diff = (b.io_minus_s(W_U) @ resid.T).cpu()  # [n, nf]
                 fired = acts > 0
                 fires[feats] += fired.sum(0).float()
                 good[feats] += (fired & (diff > 0)).sum(0).float()
         rate = good / fires.clamp_min(1)
         passed = (fires >= o.min_fires) & (rate > o.pass_threshold)
-        return family_result("name_mover", g, rate, passed, {"firing_prompts": fires.long()},
-                             summary={"name_mover_heads": [f"{L}.{h}" for h in nm["heads"]]})
+        return family_result(NameMoverFamily, "name_mover", g, rate, passed, {"firing_prompts": fires.long()},
+                             nm.name_mover_heads)

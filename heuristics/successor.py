@@ -25,9 +25,30 @@ from dataclasses import dataclass
 import polars as pl
 import torch
 
-from famfind.families import attribution_groups, encode_last, family_result, role_heads
-from famfind.plugins import HeadScore, Heuristic, Options, Result
+from famfind.families import FamilyOutcome, attribution_groups, encode_last, family_result, head_names, role_heads
+from famfind.heuristics.attribution import HeadAttributionMatrix, TopBoostedTokens
+from famfind.plugins import Column, HeadScore, Heuristic, Options, Output, Result, Table
 from famfind.prompts import ordinal_tasks, successor_map
+
+
+@dataclass(frozen=True)
+class SuccessorHeadSet(Output):
+    """``heads``: successor heads of the SAE's layer (``successor_heads``: as ``"layer.head"``);
+    ``scores [n_heads]``: successor score in [0, 1]; ``tasks``: the ordinal tasks used
+    (:class:`famfind.prompts.OrdinalTask`; ``task_names``); ``pairs`` scored."""
+
+    heads: list[int]
+    successor_heads: list[str]
+    scores: torch.Tensor
+    tasks: list
+    task_names: list[str]
+    pairs: int
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class SuccessorFamily(FamilyOutcome):
+    """Successor features (``score``: pass rate of the in-sequence vs shuffled prompts)."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +60,12 @@ class SuccessorHeads(Heuristic):
     id = "successor_heads"
     version = "0.1"
     needs = "model"
+    produces = SuccessorHeadSet
+    tables = (Table("head_successor", (
+        Column("layer", "INTEGER", "layer of the head"), Column("head", "INTEGER", "head index"),
+        Column("task", "VARCHAR", "ordinal task"), Column("pairs", "INTEGER", "(item, next item) pairs"),
+        Column("score", "DOUBLE", "fraction of pairs whose next item ranks top")),
+        "per head and ordinal task: successor score of the effective OV circuit"),)
     description = "Per-head successor score of the effective OV circuit on ordinal tasks (Gould et al. 2024)"
     Options = SuccessorHeadsOptions
 
@@ -47,8 +74,8 @@ class SuccessorHeads(Heuristic):
         tasks = ordinal_tasks(m.tokenizer)
         H = m.cfg.n_heads
         if not tasks:
-            return Result(data={"heads": [], "scores": torch.zeros(H), "tasks": []},
-                          summary={"tasks": [], "note": "no ordinal task has 2 single-token pairs"})
+            return Result(output=SuccessorHeadSet([], [], torch.zeros(H), [], [], 0,
+                                                  "no ordinal task has 2 single-token pairs"))
         W_U = m.W_U()
         rows, hits, n_pairs = [], torch.zeros(H), 0
         for t in tasks:
@@ -66,11 +93,10 @@ class SuccessorHeads(Heuristic):
             n_pairs += len(src)
         scores = hits / n_pairs
         heads = role_heads(scores, self.options.successor_head_threshold)
-        return Result(head_scores=[HeadScore(L, h, "successor", float(scores[h])) for h in range(H)],
-                      tables={"head_successor": pl.DataFrame(rows)},
-                      data={"heads": heads, "scores": scores, "tasks": tasks},
-                      summary={"successor_heads": [f"{L}.{h}" for h in heads], "tasks": [t.name for t in tasks],
-                               "pairs": n_pairs})
+        return Result(output=SuccessorHeadSet(heads, head_names(L, heads), scores, tasks, [t.name for t in tasks],
+                                              n_pairs),
+                      head_scores=[HeadScore(L, h, "successor", float(scores[h])) for h in range(H)],
+                      tables={"head_successor": pl.DataFrame(rows)})
 
 
 @dataclass(frozen=True)
@@ -87,23 +113,24 @@ class SuccessorFeatures(Heuristic):
     id = "successor_features"
     version = "0.1"
     needs = "activations"
-    requires = ("successor_heads", "head_attribution", "feature_logits")
+    produces = SuccessorFamily
+    requires = (SuccessorHeadSet, HeadAttributionMatrix, TopBoostedTokens)
     description = "Features on successor heads that fire before the next ordinal item, not on shuffled lists"
     Options = SuccessorFeaturesOptions
 
     def run(self, ctx) -> Result:
         o = self.options
-        sh = ctx.results["successor_heads"].data
-        att = ctx.results["head_attribution"].data["attribution"]
-        top = ctx.results["feature_logits"].data["top_token"]
-        g = attribution_groups(att, sh["heads"], ~ctx.stats.dead, o.selection_threshold,
+        sh = ctx.output(SuccessorHeadSet)
+        att = ctx.output(HeadAttributionMatrix).attribution
+        top = ctx.output(TopBoostedTokens).top_token
+        g = attribution_groups(att, sh.heads, ~ctx.stats.dead, o.selection_threshold,
                                o.control_max_attribution, o.control_size, ctx.generator)
         F = att.shape[0]
         rate, n_tested = torch.zeros(F), torch.zeros(F, dtype=torch.long)
-        succ = successor_map(sh["tasks"])
+        succ = successor_map(sh.tasks)
         feats = torch.nonzero(g.selected | g.control).flatten()
         preds = {int(p) for f in feats.tolist() for _, p in succ.get(int(top[f]), [])}
-        fires = {p: self._fires(ctx, p, sh["tasks"]) for p in sorted(preds)}  # p -> ([n, F], [n, F])
+        fires = {p: self._fires(ctx, p, sh.tasks) for p in sorted(preds)}  # p -> ([n, F], [n, F])
         for f in feats.tolist():
             pairs = [fires[p] for _, p in succ.get(int(top[f]), [])]
             if not pairs:
@@ -113,8 +140,8 @@ class SuccessorFeatures(Heuristic):
             rate[f] = (ins & ~shf).float().mean()
             n_tested[f] = ins.numel()
         passed = (n_tested > 0) & (rate > o.pass_threshold)
-        return family_result("successor", g, rate, passed, {"n_prompts": n_tested, "top_token": top},
-                             summary={"successor_heads": [f"{ctx.layer}.{h}" for h in sh["heads"]]})
+        return family_result(SuccessorFamily, "successor", g, rate, passed, {"n_prompts": n_tested, "top_token": top},
+                             sh.successor_heads)
 
     def _fires(self, ctx, p: int, tasks) -> tuple[torch.Tensor, torch.Tensor]:
         """In-sequence and shuffled prompts ending at predecessor ``p``: fired ``[n, d_sae]`` each."""
@@ -143,6 +170,6 @@ class SuccessorFeatures(Heuristic):
                 perm = perm[-1:] + perm[:-1] if k > 1 else [pool[n % len(pool)]]
             ins.append(snip + items)
             shf.append(snip + perm)
-        a = encode_last(ctx.model, ctx.sae, torch.tensor(ins), ctx.layer, device=ctx.config.device) > 0
-        b = encode_last(ctx.model, ctx.sae, torch.tensor(shf), ctx.layer, device=ctx.config.device) > 0
+        a = encode_last(ctx.model, ctx.sae, torch.tensor(ins), device=ctx.config.device) > 0
+        b = encode_last(ctx.model, ctx.sae, torch.tensor(shf), device=ctx.config.device) > 0
         return a, b

@@ -23,8 +23,21 @@ from dataclasses import dataclass
 
 import torch
 
-from famfind.families import attribution_groups, encode_all, family_result, mode_per_feature, role_heads
+from famfind.families import (FamilyOutcome, attribution_groups, encode_all, family_result, head_names,
+                               mode_per_feature, role_heads)
+from famfind.heuristics.attribution import HeadAttributionMatrix
+from famfind.heuristics.head_roles import HeadRoleScores
 from famfind.plugins import Heuristic, Options, Result
+
+
+@dataclass(frozen=True)
+class PreviousTokenFamily(FamilyOutcome):
+    """Previous-token features (``score``: pass rate of the planted-trigger prompts)."""
+
+
+@dataclass(frozen=True)
+class DuplicateTokenFamily(FamilyOutcome):
+    """Duplicate-token features (``score``: pass rate of the planted-repeat prompts)."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +63,7 @@ def trigger_tokens(stats, tokens: torch.Tensor, offset: int) -> torch.Tensor:
 
 class _TokenRoleFeatures(Heuristic):
     needs = "activations"
-    requires = ("head_roles", "head_attribution")
+    requires = (HeadRoleScores, HeadAttributionMatrix)
     Options = TokenRoleOptions
     metric: str
     family: str
@@ -58,9 +71,9 @@ class _TokenRoleFeatures(Heuristic):
 
     def run(self, ctx) -> Result:
         o = self.options
-        scores = ctx.results["head_roles"].data["scores"][self.metric][ctx.layer]
+        scores = ctx.output(HeadRoleScores).scores[self.metric][ctx.layer]
         heads = role_heads(scores, o.head_threshold)
-        att = ctx.results["head_attribution"].data["attribution"]
+        att = ctx.output(HeadAttributionMatrix).attribution
         g = attribution_groups(att, heads, ~ctx.stats.dead, o.selection_threshold,
                                o.control_max_attribution, o.control_size, ctx.generator)
         F = att.shape[0]
@@ -71,11 +84,11 @@ class _TokenRoleFeatures(Heuristic):
         for X in trig[feats].unique().tolist():
             fs = feats[trig[feats] == X]
             toks, checks = self._prompts(X, unigram, ctx.generator)
-            acts = encode_all(ctx.model, ctx.sae, toks, ctx.layer, fs, device=ctx.config.device) > 0  # [n, T, nf]
+            acts = encode_all(ctx.model, ctx.sae, toks, fs, device=ctx.config.device) > 0  # [n, T, nf]
             rate[fs] = self._passes(acts, checks).float().mean(0)
         passed = rate > o.pass_threshold
-        return family_result(self.family, g, rate, passed, {"trigger_token": trig},
-                             summary={f"{self.metric}_heads": [f"{ctx.layer}.{h}" for h in heads]})
+        return family_result(self.produces, self.family, g, rate, passed, {"trigger_token": trig},
+                             head_names(ctx.layer, heads))
 
     def _background(self, X: int, unigram: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         o = self.options
@@ -91,6 +104,7 @@ class PreviousTokenFeatures(_TokenRoleFeatures):
     version = "0.1"
     description = "Features on previous-token heads that fire right after their trigger token"
     metric, family, offset = "previous_token", "previous_token", -1
+    produces = PreviousTokenFamily
 
     def _prompts(self, X, unigram, gen):
         o = self.options
@@ -117,6 +131,7 @@ class DuplicateTokenFeatures(_TokenRoleFeatures):
     version = "0.1"
     description = "Features on duplicate-token heads that fire on a token's repeat, not its first occurrence"
     metric, family, offset = "duplicate_token", "duplicate_token", 0
+    produces = DuplicateTokenFamily
 
     def _prompts(self, X, unigram, gen):
         o = self.options

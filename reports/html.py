@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 from famfind.db import table_exists
+from famfind.reports import sections
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -30,11 +31,11 @@ def _rows(con, sql: str, *args) -> list[dict]:
 
 
 def report_data(con, scan_id: int, max_features: int | None = None) -> dict:
-    """The report's JSON: scan, validation, heads, clusters and one entry per live feature."""
+    """The report's JSON: scan, validation, heads, labels, one entry per live feature (card),
+    and what each detector that ran adds (its ``html_part``: card fields and top-level keys)."""
     scan = _rows(con, "SELECT * EXCLUDE (config) FROM scans WHERE scan_id = ?", scan_id)[0]
     scan = {k: (str(v) if k == "created_at" else v) for k, v in scan.items()}
-    feats = {r["feature"]: {**r, "families": [], "logits": {"boost": [], "suppress": []}, "att": [], "dfa": [],
-                            "sources": [], "examples": [], "quantiles": [], "hist": []}
+    feats = {r["feature"]: {**r, **_card_defaults()}
              for r in _rows(con, "SELECT feature, density, max_act, mean_act FROM features "
                                  "WHERE scan_id = ? AND NOT dead ORDER BY feature", scan_id)}
     if max_features is not None:
@@ -48,40 +49,31 @@ def report_data(con, scan_id: int, max_features: int | None = None) -> dict:
 
     each("SELECT feature, family, round(confidence, 3) AS c, is_primary FROM families WHERE scan_id = ?",
          lambda f, r: f["families"].append([r["family"], r["c"], bool(r["is_primary"])]))
-    if table_exists(con, "feature_logits"):
-        each("SELECT feature, direction, token_str, round(logit, 3) AS l FROM feature_logits WHERE scan_id = ? "
-             "AND rank < 5 ORDER BY feature, direction, rank",
-             lambda f, r: f["logits"][r["direction"]].append([r["token_str"], r["l"]]))
-    if table_exists(con, "head_attribution"):
-        each("SELECT feature, round(attribution, 3) AS a FROM head_attribution WHERE scan_id = ? ORDER BY feature, head",
-             lambda f, r: f["att"].append(r["a"]))
-    if table_exists(con, "dfa_head"):
-        each("SELECT feature, round(share, 3) AS s FROM dfa_head WHERE scan_id = ? ORDER BY feature, head",
-             lambda f, r: f["dfa"].append(r["s"]))
-    if table_exists(con, "dfa_source"):
-        each("SELECT feature, token_str, distance, round(share, 3) AS s FROM dfa_source WHERE scan_id = ? "
-             "AND example_rank = 0 ORDER BY feature, source_rank",
-             lambda f, r: f["sources"].append([r["token_str"], r["distance"], r["s"]]))
-    has_tokens = "tokens" in {c for (c,) in con.execute(
-        "SELECT column_name FROM information_schema.columns WHERE table_name = 'examples'").fetchall()}
-    cols = "tokens, acts" if has_tokens else "NULL AS tokens, NULL AS acts"
 
     def ex(r):
         if r["tokens"] is None:
             return [r["a"], r["context"], None, None]
         return [r["a"], None, r["tokens"], [round(x, 3) if x else 0 for x in r["acts"]]]
-    each(f"SELECT feature, round(act, 3) AS a, context, {cols} FROM examples WHERE scan_id = ? ORDER BY feature, rank",
-         lambda f, r: f["examples"].append(ex(r)))
-    if table_exists(con, "activation_samples"):  # 3 examples from the sample: near its quartiles
-        each("SELECT feature, round(act, 3) AS a, context, tokens, acts "
-             "FROM (SELECT *, count(*) OVER (PARTITION BY feature) AS n FROM activation_samples WHERE scan_id = ?) "
-             "WHERE rank IN (n // 4, n // 2, (3 * n) // 4) ORDER BY feature, rank",
-             lambda f, r: f["quantiles"].append(ex(r)))
-    if table_exists(con, "activation_histogram"):
-        each("SELECT feature, bin, count FROM activation_histogram WHERE scan_id = ? ORDER BY feature, bin",
-             lambda f, r: f["hist"].append([r["bin"], r["count"]]))
-    if table_exists(con, "clusters"):
-        each("SELECT feature, cluster FROM clusters WHERE scan_id = ?", lambda f, r: f.__setitem__("cluster", r["cluster"]))
+    each("SELECT feature, round(act, 3) AS a, context, tokens, acts FROM examples WHERE scan_id = ? "
+         "ORDER BY feature, rank", lambda f, r: f["examples"].append(ex(r)))
+    # 3 examples from the sample: near its quartiles
+    each("SELECT feature, round(act, 3) AS a, context, tokens, acts "
+         "FROM (SELECT *, count(*) OVER (PARTITION BY feature) AS n FROM activation_samples WHERE scan_id = ?) "
+         "WHERE rank IN (n // 4, n // 2, (3 * n) // 4) ORDER BY feature, rank",
+         lambda f, r: f["quantiles"].append(ex(r)))
+    each("SELECT feature, bin, count FROM activation_histogram WHERE scan_id = ? ORDER BY feature, bin",
+         lambda f, r: f["hist"].append([r["bin"], r["count"]]))
+    bins = [list(r) for r in con.execute("SELECT DISTINCT bin, lo, hi FROM activation_histogram WHERE scan_id = ? "
+                                         "ORDER BY bin", [scan_id]).fetchall()]  # [bin, lo, hi] as stored
+    top: dict = {"clusters": []}
+    for cls, sec in sections(con, scan_id):
+        if cls is None:
+            continue
+        part = dict(cls.html_part(sec))
+        for f, card in part.pop("features", {}).items():
+            if f in feats:
+                feats[f].update(card)
+        top.update(part)
     labels = []
     if table_exists(con, "labels"):
         each("SELECT feature, label, description, round(score, 3) AS score FROM labels WHERE scan_id = ? "
@@ -95,21 +87,23 @@ def report_data(con, scan_id: int, max_features: int | None = None) -> dict:
                 f["cluster_label"] = cl[str(f["cluster"])]
     heads = _rows(con, "SELECT layer, head, metric, round(score, 3) AS score FROM heads WHERE scan_id = ? "
                        "ORDER BY layer, head, metric", scan_id)
-    from famfind.activations import HIST_EDGES
-
     return {
         "scan": scan,
         "validation": _rows(con, "SELECT * EXCLUDE (scan_id) FROM validation WHERE scan_id = ? ORDER BY family", scan_id),
         "heads": heads,
         "n_heads": max((len(f["att"]) for f in feats.values()), default=0),
         "layer": scan["layer"],
-        "clusters": _rows(con, "SELECT cluster, size, top_head, round(top_head_loading, 3) AS loading "
-                               "FROM cluster_sizes WHERE scan_id = ? ORDER BY size DESC", scan_id)
-        if table_exists(con, "cluster_sizes") else [],
-        "hist_edges": [round(x, 6) for x in HIST_EDGES.tolist()],
+        **top,
+        "hist_bins": [[b, round(lo, 6), None if hi == float("inf") else round(hi, 6)] for b, lo, hi in bins],
         "labels": labels,
         "features": list(feats.values()),
     }
+
+
+def _card_defaults() -> dict:
+    """Every key the card template (report.js) reads, empty until a detector fills it."""
+    return {"families": [], "logits": {"boost": [], "suppress": []}, "att": [], "dfa": [], "sources": [],
+            "examples": [], "quantiles": [], "hist": []}
 
 
 def render_html(con, scan_id: int, out: str | Path, max_features: int | None = None) -> Path:

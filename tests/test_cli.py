@@ -56,7 +56,7 @@ def test_scan_report_sql_roundtrip(runner, planted_paths, tmp_path, seq64):
     r = runner.invoke(app, ["sql", "-", "--db", str(db)], input="SELECT 41 + 1 AS answer")
     assert r.exit_code == 0 and "42" in r.stdout
     r = runner.invoke(app, ["report", "--db", str(db)])
-    assert r.exit_code == 0 and "Head roles" in r.stdout
+    assert r.exit_code == 0 and "Head scores" in r.stdout
     r = runner.invoke(app, ["report", "--db", str(db), "--html", str(tmp_path / "r.html")])
     assert r.exit_code == 0 and '<script id="famfind-data"' in (tmp_path / "r.html").read_text()
     r = runner.invoke(app, ["report", "--db", str(db), "--html", str(tmp_path / "no" / "such" / "r.html")])
@@ -146,7 +146,7 @@ def test_sql_error_is_one_line(runner, planted_scan):
 
 def readme_plugin(tmp_path) -> Path:
     code = re.search(r"```python\n# single_head.py\n(.*?)```", README.read_text(), re.S).group(1)
-    assert len(code.strip().splitlines()) <= 30
+    assert len(code.strip().splitlines()) <= 45  # short: options, a typed output, a declared table, run()
     p = tmp_path / "single_head.py"
     p.write_text(code)
     return p
@@ -164,18 +164,28 @@ def test_readme_plugin_runs(runner, planted_paths, tmp_path, seq64):
     assert r.exit_code == 0, r.output
     con = duckdb.connect(str(db), read_only=True)
     got = {f for (f,) in con.execute("SELECT feature FROM families WHERE family = 'single_head'").fetchall()}
+    in_table = {f for (f,) in con.execute("SELECT feature FROM single_head").fetchall()}
+    summary = json.loads(con.execute("SELECT summary FROM detector_runs WHERE detector = 'single_head'").fetchone()[0])
     con.close()
+    assert in_table == got and summary == {"n_found": len(got)}
     # by construction: induction features with attribution 1.0, all decoys, all controls
     want = {f for i, f in enumerate(planted.INDUCTION) if i % 4 == 3} | set(planted.DECOYS) | set(planted.CONTROLS)
     assert got == want
 
 
 BROKEN = '''
-from famfind.plugins import Heuristic, Result
+from dataclasses import dataclass
+
+from famfind.plugins import Heuristic, Output, Result
+
+@dataclass(frozen=True)
+class BrokenOutput(Output):
+    x: int
 
 class Broken(Heuristic):
     id = "broken"
     needs = "weights"
+    produces = BrokenOutput
 
     def run(self, ctx):
         raise RuntimeError("boom")
@@ -183,7 +193,7 @@ class Broken(Heuristic):
 class Leaf(Heuristic):
     id = "after_broken"
     needs = "weights"
-    requires = ("broken",)
+    requires = (BrokenOutput,)
 
     def run(self, ctx):
         return Result()
@@ -209,7 +219,7 @@ def test_broken_plugin_is_recorded_and_skipped(runner, planted_paths, tmp_path, 
 
 
 def test_failed_write_leaves_no_rows(planted_scan, tmp_path):
-    """A write that fails half-way (an extra table whose schema clashes) is rolled back."""
+    """A write that fails half-way (the last table's rows do not fit its column types) is rolled back."""
     import polars as pl
 
     from famfind.db import write_scan
@@ -217,16 +227,18 @@ def test_failed_write_leaves_no_rows(planted_scan, tmp_path):
 
     result, _, _ = planted_scan
     db = tmp_path / "t.duckdb"
-    result.ctx.results["head_roles"].tables["clash"] = pl.DataFrame({"x": [1, 2]})
+    assert write_scan(db, result) == 1
+    tables = result.results["head_attribution"].tables
+    good = tables["head_attribution"]
+    tables["head_attribution"] = pl.DataFrame({"feature": ["not an int"], "layer": [1], "head": [0],
+                                               "attribution": [0.5]})  # bypasses the check at return
     try:
-        assert write_scan(db, result) == 1
-        result.ctx.results["head_roles"].tables["clash"] = pl.DataFrame({"x": ["not an int"]})
         with pytest.raises(FamfindError, match="could not write the scan"):
             write_scan(db, result)
     finally:
-        del result.ctx.results["head_roles"].tables["clash"]
+        tables["head_attribution"] = good
     con = duckdb.connect(str(db), read_only=True)
     counts = [con.execute(f"SELECT count(DISTINCT scan_id), max(scan_id) FROM {t}").fetchall()[0]
-              for t in ("scans", "features", "heads", "examples", "head_attribution", "clash")]
+              for t in ("scans", "features", "heads", "examples", "head_attribution")]
     con.close()
     assert all(c == (1, 1) for c in counts), counts

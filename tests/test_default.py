@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from famfind.corpus import default_dir
+from famfind.heuristics.head_roles import HeadRoleScores
+from famfind.heuristics.induction import InductionBehaviourRates, InductionFamily
 from famfind.model import HFGPT2Model
 from famfind.roles import head_scores
 from famfind.sae import load_sae
@@ -86,8 +88,8 @@ def test_scan_runs_end_to_end_and_reports_what_it_finds(tmp_path):
               "head_prefix_curve", "context_runs", "clusters", "cluster_sizes", "cluster_sweep", "examples"):
         assert con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] > 0, t
     con.close()
-    beh = res.ctx.results["induction_behaviour"].data
-    assert int((beh["n_sequences"] > 0).sum()) > 100  # the behaviour test reached many features
+    beh = res.output(InductionBehaviourRates)
+    assert int((beh.n_sequences > 0).sum()) > 100  # the behaviour test reached many features
     assert res.ctx.stats.n_tokens == 200_000 // 128 * 128
 
 
@@ -97,10 +99,10 @@ def test_scan_finds_the_induction_family(tmp_path):
 
     res = run_scan(ScanConfig(max_tokens=300_000))
     assert write_scan(tmp_path / "d.duckdb", res) == 1
-    data = res.ctx.results["induction_selection"].data
-    passed = res.ctx.results["induction_behaviour"].data["passed"]
-    assert res.ctx.results["head_roles"].data["induction_heads"], "no induction head found"
-    sel, ctrl = data["selected"], data["control"]
+    fam = res.output(InductionFamily)
+    passed = res.output(InductionBehaviourRates).passed
+    assert res.output(HeadRoleScores).induction_heads, "no induction head found"
+    sel, ctrl = fam.selected, fam.control
     assert int((sel & passed).sum()) >= 1 and int(ctrl.sum()) >= 1
     sel_rate = (sel & passed).sum().item() / max(sel.sum().item(), 1)
     ctrl_rate = (ctrl & passed).sum().item() / max(ctrl.sum().item(), 1)

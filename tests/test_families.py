@@ -11,6 +11,13 @@ import pytest
 import torch
 
 import planted_families as pf
+from famfind.heuristics.attribution import HeadAttributionMatrix
+from famfind.heuristics.context import ContextFamilies
+from famfind.heuristics.dfa import DFAHeadShares, DFASourceStats
+from famfind.heuristics.head_roles import HeadRoleScores
+from famfind.heuristics.long_prefix import LongPrefixHeadSet
+from famfind.heuristics.name_mover import NameMoverHeadSet
+from famfind.heuristics.successor import SuccessorHeadSet
 
 TRUTH = {
     "successor": pf.F_SUCC, "name_mover": pf.F_NM, "previous_token": pf.F_PREV,
@@ -41,8 +48,15 @@ def families_scan(tmp_path_factory):
     return result, db, write_scan(db, result)
 
 
+def _outcome(result, family):
+    """The family's typed outcome (a context family is a field of ContextFamilies)."""
+    if family in ("local_context", "high_level_context"):
+        return getattr(result.output(ContextFamilies), family)
+    return result.results[DETECTOR[family]].output
+
+
 def _members(result, family):
-    return {m.feature for r in result.ctx.results.values() for m in r.families if m.family == family}
+    return {m.feature for r in result.results.values() for m in r.families if m.family == family}
 
 
 def test_every_detector_ran(families_scan):
@@ -52,15 +66,15 @@ def test_every_detector_ran(families_scan):
 
 
 def test_head_roles_of_the_wired_heads(families_scan):
-    res = families_scan[0].ctx.results
-    assert res["successor_heads"].data["heads"] == [0]
-    assert res["name_mover_heads"].data["heads"] == [1]
-    assert res["long_prefix_heads"].data["heads"] == [4]
-    assert res["head_roles"].data["induction_heads"] == [4, 5]
-    curve = res["long_prefix_heads"].data["curve"]  # [prefix_len, n_heads]
+    out = families_scan[0].output
+    assert out(SuccessorHeadSet).heads == [0]
+    assert out(NameMoverHeadSet).heads == [1]
+    assert out(LongPrefixHeadSet).heads == [4]
+    assert out(HeadRoleScores).induction_heads == [4, 5]
+    curve = out(LongPrefixHeadSet).curve  # [prefix_len, n_heads]
     assert curve[0, 4] < 0.5 < curve[4:, 4].min()  # 2.4 needs a long prefix
     assert curve[0, 5] > 0.5  # 2.5 does not
-    s = res["head_roles"].data["scores"]
+    s = out(HeadRoleScores).scores
     assert s["previous_token"][2].argmax() == 2 and s["duplicate_token"][2].argmax() == 3
 
 
@@ -71,36 +85,33 @@ def test_family_precision_recall_and_control(families_scan, family):
     tp = len(found & truth)
     precision, recall = tp / max(len(found), 1), tp / len(truth)
     assert precision >= 0.95 and recall >= 0.95, (family, sorted(found))
-    det = DETECTOR.get(family, "context_features")
-    data = result.ctx.results[det].data
-    data = data.get(family, data)
-    ctl = data["control"]
+    out = _outcome(result, family)
+    ctl = out.control
     assert ctl.sum() > 0
-    assert (ctl & data["passed"]).float().sum() / ctl.sum() <= 0.05
+    assert (ctl & out.passed).float().sum() / ctl.sum() <= 0.05
 
 
 @pytest.mark.parametrize("family,decoys", [("successor", pf.F_SUCC_DECOY), ("name_mover", pf.F_NM_DECOY),
                                            ("previous_token", pf.F_PREV_DECOY),
                                            ("duplicate_token", pf.F_DUP_DECOY)])
 def test_decoys_are_selected_but_fail_behaviour(families_scan, family, decoys):
-    data = families_scan[0].ctx.results[DETECTOR[family]].data
-    assert data["selected"][decoys].all() and not data["family"][decoys].any()
+    out = _outcome(families_scan[0], family)
+    assert out.selected[decoys].all() and not out.members[decoys].any()
 
 
 def test_dfa_by_head_reads_the_encoder_side(families_scan):
-    res = families_scan[0].ctx.results
-    share = res["dfa_head"].data["share"]
-    att = res["head_attribution"].data["attribution"]
+    share = families_scan[0].output(DFAHeadShares).share
+    att = families_scan[0].output(HeadAttributionMatrix).attribution
     assert torch.allclose(share[pf.F_SUCC, 0], torch.ones(len(pf.F_SUCC)), atol=1e-3)
     # decoys: decoder (attribution) on the successor head, encoder (DFA) on head 2.6
     assert (att[pf.F_SUCC_DECOY, 0] > 0.99).all() and (share[pf.F_SUCC_DECOY, 6] > 0.99).all()
 
 
 def test_dfa_by_source_finds_the_attended_token(families_scan):
-    d = families_scan[0].ctx.results["dfa_source"].data
-    assert (d["mode_offset"][pf.F_PREV] == 1).all()
-    assert d["mode_token"][pf.F_LOCAL].tolist() == pf.OPENERS
-    assert (d["top_share_mean"][pf.F_HIGH] < 0.5).all()
+    d = families_scan[0].output(DFASourceStats)
+    assert (d.mode_offset[pf.F_PREV] == 1).all()
+    assert d.mode_token[pf.F_LOCAL].tolist() == pf.OPENERS
+    assert (d.top_share_mean[pf.F_HIGH] < 0.5).all()
 
 
 def test_dfa_sums_to_the_pre_activation():
@@ -123,7 +134,7 @@ def test_dfa_sums_to_the_pre_activation():
 
 
 def test_run_stats_match_a_plain_loop():
-    from heuristics.context import run_stats
+    from famfind.heuristics.context import run_stats
 
     g = torch.Generator().manual_seed(1)
     B, T, F = 3, 20, 4
@@ -153,7 +164,7 @@ def test_run_stats_match_a_plain_loop():
 def test_kmeans_recovers_planted_head_loading_clusters():
     from sklearn.metrics import adjusted_rand_score
 
-    from heuristics.clustering import sweep_kmeans
+    from famfind.heuristics.clustering import sweep_kmeans
 
     rng = np.random.default_rng(0)
     centres = np.eye(6)[[0, 1, 2, 3, 4]] * 0.8 + 0.2 / 6  # 5 clusters, each on one head of 6
@@ -167,7 +178,7 @@ def test_kmeans_recovers_planted_head_loading_clusters():
 
 
 def test_power_law_fit():
-    from heuristics.clustering import power_law_fit
+    from famfind.heuristics.clustering import power_law_fit
 
     sizes = 1000 * np.arange(1, 21, dtype=float) ** -1.5
     alpha, r2 = power_law_fit(sizes)

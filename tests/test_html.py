@@ -15,7 +15,7 @@ import pytest
 @pytest.fixture(scope="module")
 def report(default_scan, tmp_path_factory):
     from famfind.db import connect
-    from reports.html import render_html
+    from famfind.reports.html import render_html
 
     d = tmp_path_factory.mktemp("html")
     db, sid = default_scan

@@ -6,17 +6,19 @@ import duckdb
 import torch
 
 import planted
+from famfind.heuristics.head_roles import HeadRoleScores
+from famfind.heuristics.induction import InductionBehaviourRates, InductionFamily
 
 
 def _family(result) -> set[int]:
-    return set(torch.nonzero(result.ctx.results["induction_selection"].data["family"]).flatten().tolist())
+    return set(torch.nonzero(result.output(InductionFamily).members).flatten().tolist())
 
 
 def test_head_roles_find_the_wired_heads(planted_scan):
     result, _, _ = planted_scan
-    hr = result.ctx.results["head_roles"]
-    assert hr.data["induction_heads"] == [0]  # only head 1.0 is wired for induction
-    s = hr.data["scores"]
+    hr = result.output(HeadRoleScores)
+    assert hr.induction_heads == [0]  # only head 1.0 is wired for induction
+    s = hr.scores
     assert s["induction"][1, 0] > 0.6 and s["induction"][1, 1:].max() < 0.1
     assert s["previous_token"][0, 0] > 0.9 and s["previous_token"][1, 2] > 0.9
 
@@ -32,17 +34,17 @@ def test_induction_family_precision_recall(planted_scan):
 
 def test_selection_takes_decoys_and_behaviour_rejects_them(planted_scan):
     result, _, _ = planted_scan
-    sel = result.ctx.results["induction_selection"].data["selected"]
+    sel = result.output(InductionFamily).selected
     assert set(torch.nonzero(sel).flatten().tolist()) == set(planted.INDUCTION) | set(planted.DECOYS)
-    passed = result.ctx.results["induction_behaviour"].data["passed"]
+    passed = result.output(InductionBehaviourRates).passed
     assert not passed[planted.DECOYS].any()
 
 
 def test_control_group_rarely_passes(planted_scan):
     result, _, _ = planted_scan
-    ctrl = result.ctx.results["induction_selection"].data["control"]
+    ctrl = result.output(InductionFamily).control
     assert set(torch.nonzero(ctrl).flatten().tolist()) == set(planted.CONTROLS)  # live, < 0.1 attribution
-    passed = result.ctx.results["induction_behaviour"].data["passed"]
+    passed = result.output(InductionBehaviourRates).passed
     assert passed[ctrl].float().mean() <= 0.05
 
 
@@ -70,7 +72,7 @@ def test_behaviour_vectorised_matches_per_feature_loop(planted_paths):
 
     from famfind.model import HFGPT2Model
     from famfind.sae import load_sae
-    from heuristics.induction import behaviour_checks
+    from famfind.heuristics.induction import behaviour_checks
 
     m, sae = HFGPT2Model(planted_paths["model"]), load_sae(planted_paths["sae"])
     toks = torch.from_numpy(np.load(planted_paths["corpus"]).astype(np.int64).reshape(-1, 64))[:40]
