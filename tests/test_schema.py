@@ -8,6 +8,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -128,9 +129,10 @@ def test_a_new_detector_column_extends_an_older_table(tmp_path):
 @pytest.fixture(scope="module")
 def plugin_site(tmp_path_factory):
     """The example plugin package pip-installed into a directory put on the path."""
-    site = tmp_path_factory.mktemp("site")
+    site, src = tmp_path_factory.mktemp("site"), tmp_path_factory.mktemp("src") / "example_plugin"
+    shutil.copytree(Path(__file__).parent / "example_plugin", src)  # pip builds in the source tree
     r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                        "--target", str(site), str(Path(__file__).parent / "example_plugin")],
+                        "--target", str(site), str(src)],
                        capture_output=True, text=True)
     if r.returncode != 0:
         pytest.fail(f"pip could not install the example plugin: {r.stderr[-500:]}")
