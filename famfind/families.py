@@ -139,7 +139,7 @@ def mode_per_feature(feature: torch.Tensor, key: torch.Tensor, d_sae: int) -> tu
 
 def encode_last(model, sae, tokens: torch.Tensor, batch_size: int = 64, device="cpu") -> torch.Tensor:
     """SAE activations at the last position of each prompt, ``[n, d_sae]`` (CPU)."""
-    out = [encode_hook(model, sae, tokens[s:s + batch_size].to(device))[1][:, -1].cpu()
+    out = [encode_hook(model, sae, tokens[s:s + batch_size].to(device), positions=slice(-1, None))[1][:, 0].cpu()
            for s in range(0, tokens.shape[0], batch_size)]
     return torch.cat(out) if out else torch.zeros(0, sae.d_sae)
 
