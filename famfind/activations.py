@@ -181,10 +181,9 @@ class TopK:
         self._fold(v, i + batch.start * self.T, win)
 
     def _fold(self, acts, idx, win) -> None:
-        self.acts, self.idx, self.win = best_rows(
-            [torch.cat([self.acts, acts.to(self.acts.device)]), torch.cat([self.idx, idx.to(self.idx.device)])],
-            [torch.cat([self.acts, acts.to(self.acts.device)]), torch.cat([self.idx, idx.to(self.idx.device)]),
-             torch.cat([self.win, win.to(self.win.device)])], self.k, largest=True)
+        d = self.acts.device
+        a, i, w = (torch.cat([x, y.to(d)]) for x, y in ((self.acts, acts), (self.idx, idx), (self.win, win)))
+        self.acts, self.idx, self.win = best_rows([a, i], [a, i, w], self.k, largest=True)
 
     def merge(self, o: TopK) -> None:
         self._fold(o.acts, o.idx, o.win)

@@ -44,7 +44,7 @@ class Column:
 @dataclass(frozen=True)
 class Table:
     """A table: ``name``, ``columns``, one-line ``doc``. A per-scan table (the default) gets
-    a leading ``scan_id INTEGER``; ``primary_key`` names a declared column."""
+    a leading ``scan_id INTEGER``; ``primary_key`` names a declared column (or ``scan_id``)."""
 
     name: str
     columns: tuple[Column, ...]
@@ -62,7 +62,8 @@ class Table:
     def ddl(self) -> str:
         cols = ", ".join(f'"{c.name}" {c.type}' + (" PRIMARY KEY" if c.name == self.primary_key else "")
                          for c in self.columns)
-        return f"CREATE TABLE IF NOT EXISTS {self.name} ({'scan_id INTEGER, ' if self.per_scan else ''}{cols})"
+        scan_id = f"scan_id INTEGER{' PRIMARY KEY' if self.primary_key == 'scan_id' else ''}, " if self.per_scan else ""
+        return f"CREATE TABLE IF NOT EXISTS {self.name} ({scan_id}{cols})"
 
     def polars_schema(self) -> dict[str, pl.DataType]:
         return {c.name: DTYPES[c.type] for c in self.columns}
@@ -137,7 +138,7 @@ l0 DOUBLE: mean active features per position (L0)
 dead_fraction DOUBLE: share of features that never fired
 seconds DOUBLE: scan wall time
 config JSON: the full scan configuration
-"""), "one row per scan")
+"""), "one row per scan", primary_key="scan_id")
 
 CORE: tuple[Table, ...] = (
     SCANS,

@@ -48,6 +48,9 @@ def test_scan_tables_match_their_declarations(planted_scan):
             cols = con.execute("SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ? "
                                "ORDER BY ordinal_position", [name]).fetchall()
             assert cols == [("scan_id", "INTEGER")] + [(c.name, c.type) for c in t.columns], name
+        keys = con.execute("SELECT table_name FROM information_schema.table_constraints "
+                           "WHERE constraint_type = 'PRIMARY KEY'").fetchall()
+        assert keys == [("scans",)]  # scan_id, as in the first release
     finally:
         con.close()
 
