@@ -398,7 +398,6 @@ def tables(
 
     reg = default_registry(plugin or ())
     det_tables, views = reg.declared_tables()
-    owner = {t.name: h for h in reg.ids() for t in (*reg.get(h).cls.tables, *reg.get(h).cls.views)}
     all_tables = [*CORE, *det_tables, LABELS, LLM_CACHE]
     if markdown:
         typer.echo(md(all_tables, views))
@@ -413,10 +412,10 @@ def tables(
         cols = ([] if not tab.per_scan else [("scan_id", "INTEGER", "the scan (scans.scan_id)")]) + \
             [(c.name, c.type, c.doc) for c in tab.columns]
         for i, (n, ty, doc) in enumerate(cols):
-            t.add_row(Text(tab.name if i == 0 else ""), Text(owner.get(tab.name, "core") if i == 0 else ""),
+            t.add_row(Text(tab.name if i == 0 else ""), Text((reg.table_owner(tab.name) or "core") if i == 0 else ""),
                       Text(n), Text(ty), Text(doc))
     for v in views:
-        t.add_row(Text(v.name + " (view)"), Text(owner.get(v.name, "")), Text("-"), Text("-"), Text(v.doc))
+        t.add_row(Text(v.name + " (view)"), Text(reg.table_owner(v.name) or ""), Text("-"), Text("-"), Text(v.doc))
     Console().print(t)
 
 

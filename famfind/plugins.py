@@ -401,6 +401,10 @@ class Registry:
     def ids(self) -> list[str]:
         return sorted(self._entries)
 
+    def table_owner(self, name: str) -> str | None:
+        """Id of the detector declaring table or view ``name`` (``None``: not a detector's)."""
+        return self._tables.get(name)
+
     def declared_tables(self) -> tuple[list[Table], list[View]]:
         """Every table and view declared by a registered detector, by detector id."""
         cls = [self._entries[h].cls for h in self.ids()]
