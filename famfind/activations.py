@@ -1,14 +1,14 @@
-"""The activation pass: stream a corpus through the model up to the SAE's layer, encode.
+"""The activation pass: stream a corpus through the model up to the SAEs' layers, encode.
 
-One pass serves every detector: per batch, ``blocks.{L}.attn.hook_z`` is captured (the
-forward stops at layer ``L``; no autograd; :func:`encode_hook`), encoded by the SAE and
-handed to a set of *accumulators* (counts and density, activation histogram, top-k
+One pass serves every detector of every SAE: per batch, one forward runs to the deepest
+SAE's layer (no autograd) and captures ``blocks.{L}.attn.hook_z`` of each SAE's layer;
+each SAE encodes its hook and its features go to that SAE's own set of *accumulators* (counts and density, activation histogram, top-k
 examples, reservoir sample, random contexts) and to each observing detector. Every
 accumulator has ``update(batch)``, ``merge(other)`` and ``finalize()``, so a corpus split
 into shards (sequence ranges, one process or many machines) gives exactly one pass's
 answer: counts, histograms and top-k examples are equal (ties broken by corpus position),
-float sums agree to rounding. Memory is O(d_sae * (top_k + n_sample) * 16) plus one batch,
-whatever the corpus size.
+float sums agree to rounding. Memory is O(d_sae * (top_k + n_sample) * 16) per SAE plus one
+batch, whatever the corpus size.
 """
 
 from __future__ import annotations
@@ -351,22 +351,34 @@ class PassState:
             self.random.seq, self.random.pos, [self.random.active.get(j, []) for j in range(self.random.seq.numel())])
 
 
-def activation_pass(model, sae: SAE, tokens: torch.Tensor, state: PassState, batch_size: int = 32,
-                    observers: list[Callable[[ActivationBatch], None]] = (),
+def activation_pass(model, sae: SAE | list[SAE], tokens: torch.Tensor, state: PassState | list[PassState],
+                    batch_size: int = 32, observers: list = (),
                     progress: Callable[[int], None] | None = None, device: str = "cpu",
-                    rows: tuple[int, int] | None = None) -> PassState:
+                    rows: tuple[int, int] | None = None) -> PassState | list[PassState]:
     """Stream corpus ``rows`` ``[lo, hi)`` (all by default) of ``tokens [n_seq, seq_len]``
-    through ``model`` to the SAE's hook in batches of ``batch_size`` sequences; each batch
-    updates ``state`` and is handed to every observer. ``progress(n_seqs_done)`` per batch.
-    Returns ``state``."""
+    through ``model`` in batches of ``batch_size`` sequences. One forward per batch runs to
+    the deepest SAE's layer and captures every SAE's hook (:meth:`run_hook_zs`); each SAE's
+    features update its own ``state`` and go to its own observers. ``sae``/``state`` may be
+    one SAE and its state (``observers``: callbacks) or equal-length lists (``observers``: one
+    list of callbacks per SAE). ``progress(n_seqs_done)`` per batch. Returns ``state``."""
+    many = isinstance(sae, (list, tuple))
+    saes, states = (list(sae), list(state)) if many else ([sae], [state])
+    obs = [list(o) for o in observers] if many else [list(observers)]
+    obs += [[] for _ in range(len(saes) - len(obs))]
+    layers = sorted({s.layer for s in saes})
     lo, hi = rows or (0, tokens.shape[0])
     for start in range(lo, hi, batch_size):
         toks = tokens[start:min(start + batch_size, hi)].to(device)
-        z, acts = encode_hook(model, sae, toks)
-        batch = ActivationBatch(torch.arange(start, start + toks.shape[0]), toks, z, acts)
-        state.update(batch)
-        for obs in observers:
-            obs(batch)
+        with torch.no_grad():
+            zs = model.run_hook_zs(toks, layers) if len(layers) > 1 else {layers[0]: model.run_hook_z(toks, layers[0])}
+        seq_idx = torch.arange(start, start + toks.shape[0])
+        for s, st, ob in zip(saes, states, obs):
+            z = zs[s.layer]
+            with torch.no_grad():
+                batch = ActivationBatch(seq_idx, toks, z, s.encode(z.flatten(-2)))
+            st.update(batch)
+            for o in ob:
+                o(batch)
         if progress:
             progress(start + toks.shape[0] - lo)
-    return state
+    return states if many else states[0]

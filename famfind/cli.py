@@ -113,8 +113,10 @@ def _read_config(path: Optional[Path]) -> dict:
 @app.command()
 @guarded
 def scan(
-    sae: Annotated[Optional[str], typer.Argument(help="SAE: SAELens dir, .safetensors, or Kissane .pt. "
-                                                      "Default: the embedded default SAE.")] = None,
+    sae: Annotated[Optional[list[str]], typer.Argument(
+        help="SAEs of one model, scanned in one pass: SAELens dirs, .safetensors, Kissane .pt, or a folder of "
+             "SAE folders (a SAELens release, one folder per hook). Default: the embedded default's SAEs "
+             "(both layers).")] = None,
     model: Annotated[Optional[str], typer.Option(help="Local HF checkpoint dir or TransformerLens model name "
                                                       "(default: from the SAE's metadata).")] = None,
     corpus: Annotated[Optional[str], typer.Option(help="Tokens .npy, text file, directory, .jsonl or .parquet "
@@ -141,10 +143,11 @@ def scan(
     llm_retries: RetriesOpt = LLMConfig.max_retries,
     label_features: FeaturesOpt = None,
 ):
-    """Scan an attention SAE: run the detectors, store tables in DuckDB, print the report.
+    """Scan attention SAEs (one, or every layer's): run the detectors, store tables in DuckDB, print the report.
 
-    Example: famfind scan                     # the embedded default model + SAE
+    Example: famfind scan                     # the embedded default model + its layer-0 and layer-1 SAEs
     Example: famfind scan path/to/sae_dir --model path/to/hf_checkpoint --db out.duckdb
+    Example: famfind scan release_dir/        # every SAE folder in it, one forward pass
     Example: famfind scan --set head_roles.induction_head_threshold=0.3 --select induction_selection
     Example: famfind scan --label --llm-base-url http://127.0.0.1:8000/v1 --llm-model qwen2.5-7b
     """
@@ -162,7 +165,7 @@ def scan(
     for det, key, value in map(_parse_set, set_ or ()):
         det_opts.setdefault(det, {})[key] = value
     base = dict(cfg_file.get("scan", {}))
-    cli = {"sae": sae, "model": model, "corpus": corpus, "max_tokens": max_tokens,
+    cli = {"sae": tuple(sae or ()), "model": model, "corpus": corpus, "max_tokens": max_tokens,
            "select": tuple(select or ()), "skip": tuple(skip or ()),
            "plugins": tuple(str(p) for p in plugin or ()), "strict_plugins": strict_plugins or None}
     base.update({k: v for k, v in cli.items() if v not in (None, ())})
@@ -171,7 +174,7 @@ def scan(
     reg = default_registry(base.get("plugins", ()), bool(base.get("strict_plugins", False)))
     for e in reg.errors:
         _line(f"famfind: warning: plugin {e.origin} failed to load: {e.error}")
-    scan_cfg = ScanConfig.from_dict({**base, "sae": base.get("sae") or "", "detector_options": det_opts})
+    scan_cfg = ScanConfig.from_dict({**base, "sae": base.get("sae") or (), "detector_options": det_opts})
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True, disable=quiet) as progress:
         result = run_scan(scan_cfg, reg, _progress_factory(progress),
@@ -199,13 +202,19 @@ def _parse_set(spec: str) -> tuple[str, str, str]:
     return det, key.strip(), value.strip()
 
 
-def _parse_features(spec: Optional[str]) -> tuple[int, ...]:
+def _parse_features(spec: Optional[str]) -> tuple[tuple[int | None, int], ...]:
+    """``"3,17"`` or ``"1:3,0:17"`` (LAYER:FEATURE, for a scan of several SAEs) -> ``((layer, feature), ...)``."""
     if not spec:
         return ()
     try:
-        return tuple(int(x) for x in spec.split(",") if x.strip())
+        out = []
+        for x in filter(str.strip, spec.split(",")):
+            layer, _, f = x.strip().rpartition(":")
+            out.append((int(layer) if layer else None, int(f)))
+        return tuple(out)
     except ValueError:
-        raise FamfindError("--label-features", f"expected comma-separated feature ids, got {spec!r}") from None
+        raise FamfindError("--features", f"expected comma-separated feature ids (LAYER:FEATURE for a scan of "
+                           f"several SAEs), got {spec!r}") from None
 
 
 def _label(db: Path, scan_id: int, llm_cfg, features: tuple[int, ...], quiet: bool,
@@ -338,10 +347,10 @@ def report(
             from famfind.reports.html import render_html
 
             try:
-                render_html(con, sid, html)
+                written = render_html(con, sid, html)
             except OSError as e:
                 raise FamfindError(html, f"cannot write the HTML report ({e.strerror})") from None
-            typer.echo(f"famfind: wrote {html}", err=True)
+            typer.echo(f"famfind: wrote {', '.join(map(str, written))}", err=True)
     finally:
         con.close()
 
@@ -373,7 +382,8 @@ def heuristics_list(
     for hid in reg.ids():
         e = reg.get(hid)
         c = e.cls
-        t.add_row(hid, c.version, c.needs, c.produces.__name__ if c.produces else "-",
+        t.add_row(hid, c.version, c.needs if c.scope == "sae" else f"{c.needs} (once per model)",
+                  c.produces.__name__ if c.produces else "-",
                   ", ".join(r.__name__ for r in c.requires) or "-",
                   ", ".join(x.name for x in (*c.tables, *c.views)) or "-", Text(e.origin),
                   "no" if hid in (skip or ()) else "yes", Text(c.description))

@@ -25,8 +25,14 @@ EOT = "<|endoftext|>"
 
 
 def default_dir() -> Path:
-    """Directory of the embedded default (model/, sae/, eval_tokens.npy, cards)."""
+    """Directory of the embedded default (model/, saes/, eval_tokens.npy, cards)."""
     return Path(str(resources.files("famfind") / "data" / "default"))
+
+
+def default_sae(layer: int) -> Path:
+    """The embedded default's SAE folder for ``blocks.{layer}.attn.hook_z`` (a SAELens release
+    layout: ``saes/<hook>/``)."""
+    return default_dir() / "saes" / f"blocks.{layer}.attn.hook_z"
 
 
 @dataclass

@@ -26,7 +26,7 @@ from famfind.schema import CORE, SCANS, Table
 CORE_BY_NAME = {t.name: t for t in CORE}
 
 DEFAULT_DB = "famfind.duckdb"
-SCHEMA_VERSION = 2  # of the tables famfind writes; see MIGRATIONS
+SCHEMA_VERSION = 3  # of the tables famfind writes; see MIGRATIONS
 
 SCHEMA_VERSION_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (version INTEGER, applied_at TIMESTAMP,
   famfind_version VARCHAR)"""
@@ -48,7 +48,43 @@ def _v2(con) -> None:
                 con.execute(f"ALTER TABLE {table} ALTER COLUMN {c} TYPE INTEGER")
 
 
-MIGRATIONS = {2: _v2}  # version -> the step that brings a database from version - 1 to it
+PER_SAE_CORE = ("features", "detections", "families", "validation", "examples", "activation_samples",
+                "random_contexts", "activation_histogram")
+
+
+def _v3(con) -> None:
+    """2 -> 3: whole-model scans. Every per-feature table gains ``sae`` and ``layer`` (old rows:
+    the scan's one SAE, named by its hook); ``detector_runs``, ``heads`` and ``labels`` gain
+    ``sae``; every detector table gains ``sae`` (each was written by a per-SAE detector);
+    ``scans.n_saes``; a ``saes`` table with one row per old scan's SAE."""
+    from famfind.schema import SAES
+
+    con.execute("ALTER TABLE scans ADD COLUMN IF NOT EXISTS n_saes INTEGER")
+    con.execute("UPDATE scans SET n_saes = 1")
+    key = "(SELECT s.hook_name FROM scans s WHERE s.scan_id = t.scan_id)"
+    lyr = "(SELECT s.layer FROM scans s WHERE s.scan_id = t.scan_id)"
+    names = [r[0] for r in con.execute("SELECT table_name FROM information_schema.tables "
+                                       "WHERE table_type = 'BASE TABLE'").fetchall()]
+    for name in names:
+        if name in ("scans", "llm_cache", "schema_version", "saes"):
+            continue
+        cols = {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns WHERE table_name = ?",
+                                          [name]).fetchall()}
+        if "scan_id" not in cols:
+            continue
+        con.execute(f"ALTER TABLE {name} ADD COLUMN IF NOT EXISTS sae VARCHAR")
+        sets = [f"sae = {key}"]
+        if name in PER_SAE_CORE:
+            con.execute(f"ALTER TABLE {name} ADD COLUMN IF NOT EXISTS layer INTEGER")
+            sets.append(f"layer = {lyr}")
+        con.execute(f"UPDATE {name} AS t SET {', '.join(sets)}")
+    con.execute(SAES.ddl())
+    con.execute("""INSERT INTO saes (scan_id, sae, path, sha256, hook_name, layer, architecture, d_in, d_sae, l0,
+                   dead_fraction, n_tokens) SELECT scan_id, hook_name, sae_path, sae_sha256, hook_name, layer,
+                   architecture, d_in, d_sae, l0, dead_fraction, n_tokens FROM scans""")
+
+
+MIGRATIONS = {2: _v2, 3: _v3}  # version -> the step that brings a database from version - 1 to it
 
 def table_exists(con, name: str) -> bool:
     """Does the open DuckDB connection hold a table or view called ``name``?"""
@@ -190,47 +226,66 @@ def _example_rows(pieces, toks, acts, seqs, poss, wins, live) -> list[dict]:
     return rows
 
 
-def scan_frames(result) -> dict[str, pl.DataFrame]:
-    """All rows of a :class:`famfind.scan.ScanResult`, as DataFrames without ``scan_id``."""
-    ctx, st = result.ctx, result.ctx.stats
-    F = ctx.sae.d_sae
-    frames: dict[str, pl.DataFrame] = {}
-    frames["scans"] = SCANS.frame([{
-        "created_at": datetime.now(timezone.utc).replace(tzinfo=None), "famfind_version": famfind.__version__,
-        "sae_path": str(Path(ctx.sae.path).resolve()), "sae_sha256": result.sae_sha256,
-        "architecture": ctx.sae.architecture, "d_in": ctx.sae.d_in, "d_sae": F, "model": ctx.model.cfg.name,
-        "hook_name": ctx.sae.hook_name, "layer": ctx.layer, "corpus": ctx.corpus.source,
-        "n_tokens": st.n_tokens, "seq_len": ctx.config.seq_len, "l0": st.l0,
-        "dead_fraction": float(st.dead.float().mean()), "seconds": result.seconds,
-        "config": json.dumps(ctx.config.to_dict()),
-    }])
-    out = {h: r.output for h, r in result.results.items()}
-    frames["detector_runs"] = CORE_BY_NAME["detector_runs"].frame(
-        [{"detector": r.id, "version": r.version, "origin": r.origin, "status": r.status,
-          "error": r.error, "seconds": r.seconds, "output_type": r.output_type,
-          "summary": json.dumps(out[r.id].summary() if out.get(r.id) is not None else {})} for r in result.runs])
+def _sae_frames(u, tokens: np.ndarray, pieces: _Pieces, tables: dict[str, Table]) -> dict[str, list[pl.DataFrame]]:
+    """One SAE's rows (:class:`famfind.scan.SAEScan` ``u``): features, examples, samples,
+    random contexts, histogram, and its detectors' rows, each with ``sae`` and ``layer``."""
+    st, F, layer = u.ctx.stats, u.sae.d_sae, u.sae.layer
+    key = {"sae": u.id, "layer": layer}
+    out: dict[str, list[pl.DataFrame]] = {}
+
+    def add(name, df):
+        out.setdefault(name, []).append(df)
+
     fc = st.fire_count.numpy()
-    frames["features"] = pl.DataFrame({
+    add("features", CORE_BY_NAME["features"].frame({
+        "sae": [u.id] * F, "layer": np.full(F, layer, dtype=np.int32),
         "feature": np.arange(F, dtype=np.int32), "fire_count": fc, "density": st.density.numpy(),
         "mean_act": (st.act_sum.numpy() / np.maximum(fc, 1)), "max_act": st.act_max.double().numpy(),
-        "dead": st.dead.numpy()})
+        "dead": st.dead.numpy()}))
+    live = np.nonzero(fc > 0)[0]
+    for name, acts, seqs, poss, wins in (("examples", st.top_acts, st.top_seq, st.top_pos, st.top_win),
+                                          ("activation_samples", st.sample_acts, st.sample_seq, st.sample_pos,
+                                           st.sample_win)):
+        rows = _example_rows(pieces, tokens, acts.numpy(), seqs.numpy(), poss.numpy(), wins.float().numpy(), live)
+        add(name, CORE_BY_NAME[name].frame([{**key, **r} for r in rows]))
+    rc = []
+    for s_, p_, a_ in zip(st.random_seq.tolist(), st.random_pos.tolist(), st.random_active):
+        c, words, _ = _window(pieces, tokens[s_], p_)
+        rc.append({**key, "seq": s_, "pos": p_, "context": c, "tokens": words, "active": a_})
+    add("random_contexts", CORE_BY_NAME["random_contexts"].frame(rc))
+    e = [0.0] + st.hist_edges.tolist() + [float("inf")]
+    f_idx, b_idx = np.nonzero(st.hist.numpy())
+    add("activation_histogram", CORE_BY_NAME["activation_histogram"].frame({
+        "sae": [u.id] * len(f_idx), "layer": np.full(len(f_idx), layer, dtype=np.int32),
+        "feature": f_idx, "bin": b_idx, "lo": np.array(e)[b_idx], "hi": np.array(e)[b_idx + 1],
+        "count": st.hist.numpy()[f_idx, b_idx]}))
+    _result_frames(u.results, u.id, layer, add, tables)
+    return out
+
+
+def _result_frames(results: dict, sae: str | None, layer: int | None, add, tables: dict[str, Table]) -> None:
+    """Detector rows (heads, detections, families, validation, declared tables) of one unit of
+    a scan: an SAE (``sae``, ``layer``) or the model detectors (``sae=None``)."""
     heads, dets, fams, vals = [], [], [], {}
-    extra: dict[str, list[pl.DataFrame]] = {}
-    for hid, res in result.results.items():
-        heads += [{"layer": h.layer, "head": h.head, "metric": h.metric, "score": h.score} for h in res.head_scores]
-        dets += [{"detector": hid, "feature": d.feature, "score": d.score, "passed": d.passed,
+    key = {"sae": sae, "layer": layer}
+    for hid, res in results.items():
+        heads += [{"sae": sae, "layer": h.layer, "head": h.head, "metric": h.metric, "score": h.score}
+                  for h in res.head_scores]
+        dets += [{**key, "detector": hid, "feature": d.feature, "score": d.score, "passed": d.passed,
                   "evidence": json.dumps(d.evidence)} for d in res.detections]
-        fams += [{"family": m.family, "feature": m.feature, "confidence": m.confidence, "detector": hid}
+        fams += [{**key, "family": m.family, "feature": m.feature, "confidence": m.confidence, "detector": hid}
                  for m in res.families]
         for v in res.validation:
-            row = vals.setdefault(v.family, {"family": v.family})
+            row = vals.setdefault(v.family, {**key, "family": v.family})
             for k, val in vars(v).items():
                 if val is not None:
                     row[k] = val
         for name, df in res.tables.items():  # declared and conformed when the detector returned
-            extra.setdefault(name, []).append(df)
-    frames["heads"] = CORE_BY_NAME["heads"].frame(heads)
-    frames["detections"] = CORE_BY_NAME["detections"].frame(dets)
+            if "sae" in tables[name].polars_schema() and "sae" not in df.columns:
+                df = df.with_columns(pl.lit(sae, dtype=pl.Utf8).alias("sae")).select(list(tables[name].polars_schema()))
+            add(name, df)
+    add("heads", CORE_BY_NAME["heads"].frame(heads))
+    add("detections", CORE_BY_NAME["detections"].frame(dets))
     primary: dict[int, int] = {}  # feature -> its row of highest confidence (ties: family name, then first)
     for i, r in enumerate(fams):
         j = primary.get(r["feature"])
@@ -238,30 +293,55 @@ def scan_frames(result) -> dict[str, pl.DataFrame]:
             primary[r["feature"]] = i
     for i, r in enumerate(fams):
         r["is_primary"] = primary[r["feature"]] == i
-    frames["families"] = CORE_BY_NAME["families"].frame(fams)
+    add("families", CORE_BY_NAME["families"].frame(fams))
     vt = CORE_BY_NAME["validation"]
-    frames["validation"] = vt.frame([{c.name: r.get(c.name) for c in vt.columns} for r in vals.values()])
-    toks = ctx.corpus.tokens.numpy()
-    pieces = _Pieces(ctx.model.tokenizer)
-    live = np.nonzero(fc > 0)[0]
-    for name, acts, seqs, poss, wins in (("examples", st.top_acts, st.top_seq, st.top_pos, st.top_win),
-                                          ("activation_samples", st.sample_acts, st.sample_seq, st.sample_pos,
-                                           st.sample_win)):
-        frames[name] = CORE_BY_NAME[name].frame(_example_rows(pieces, toks, acts.numpy(), seqs.numpy(), poss.numpy(),
-                                                              wins.float().numpy(), live))
-    rc = []
-    for s_, p_, a_ in zip(st.random_seq.tolist(), st.random_pos.tolist(), st.random_active):
-        c, words, _ = _window(pieces, toks[s_], p_)
-        rc.append({"seq": s_, "pos": p_, "context": c, "tokens": words, "active": a_})
-    frames["random_contexts"] = CORE_BY_NAME["random_contexts"].frame(rc)
-    e = [0.0] + st.hist_edges.tolist() + [float("inf")]
-    f_idx, b_idx = np.nonzero(st.hist.numpy())
-    frames["activation_histogram"] = CORE_BY_NAME["activation_histogram"].frame({
-        "feature": f_idx, "bin": b_idx, "lo": np.array(e)[b_idx], "hi": np.array(e)[b_idx + 1],
-        "count": st.hist.numpy()[f_idx, b_idx]})
-    for name, dfs in extra.items():
-        frames[name] = pl.concat(dfs, how="diagonal_relaxed")
-    return frames
+    add("validation", vt.frame([{c.name: r.get(c.name) for c in vt.columns} for r in vals.values()]))
+
+
+def scan_frames(result) -> dict[str, pl.DataFrame]:
+    """All rows of a :class:`famfind.scan.ScanResult` (every SAE's), as DataFrames without
+    ``scan_id``."""
+    from famfind.plugins import stored_tables
+
+    first, cfg, model = result.saes[0], result.model_ctx.config, result.model_ctx.model
+    corpus = result.model_ctx.corpus
+    st0 = first.ctx.stats
+    tables = {t.name: t for t in CORE}
+    for r in result.runs:
+        tables.update({t.name: t for t in stored_tables(result.registry.get(r.id).cls)})
+    frames: dict[str, list[pl.DataFrame]] = {}
+
+    def add(name, df):
+        frames.setdefault(name, []).append(df)
+
+    add("scans", SCANS.frame([{
+        "created_at": datetime.now(timezone.utc).replace(tzinfo=None), "famfind_version": famfind.__version__,
+        "sae_path": str(Path(first.path).resolve()), "sae_sha256": first.sha256,
+        "architecture": first.sae.architecture, "d_in": first.sae.d_in, "d_sae": first.sae.d_sae,
+        "model": model.cfg.name, "hook_name": first.sae.hook_name, "layer": first.sae.layer,
+        "corpus": corpus.source, "n_tokens": st0.n_tokens, "seq_len": cfg.seq_len, "l0": st0.l0,
+        "dead_fraction": float(st0.dead.float().mean()), "n_saes": len(result.saes), "seconds": result.seconds,
+        "config": json.dumps(cfg.to_dict()),
+    }]))
+    add("saes", CORE_BY_NAME["saes"].frame([{
+        "sae": u.id, "path": str(Path(u.path).resolve()), "sha256": u.sha256, "hook_name": u.sae.hook_name,
+        "layer": u.sae.layer, "architecture": u.sae.architecture, "d_in": u.sae.d_in, "d_sae": u.sae.d_sae,
+        "l0": u.ctx.stats.l0, "dead_fraction": float(u.ctx.stats.dead.float().mean()),
+        "n_tokens": u.ctx.stats.n_tokens} for u in result.saes]))
+    outputs = {("", h): r.output for h, r in result.model_results.items()}
+    outputs.update({(u.id, h): r.output for u in result.saes for h, r in u.results.items()})
+    add("detector_runs", CORE_BY_NAME["detector_runs"].frame(
+        [{"sae": r.sae or None, "detector": r.id, "version": r.version, "origin": r.origin, "status": r.status,
+          "error": r.error, "seconds": r.seconds, "output_type": r.output_type,
+          "summary": json.dumps(o.summary() if (o := outputs.get((r.sae, r.id))) is not None else {})}
+         for r in result.runs]))
+    _result_frames(result.model_results, None, None, add, tables)
+    toks = corpus.tokens.numpy()
+    pieces = _Pieces(model.tokenizer)
+    for u in result.saes:
+        for name, dfs in _sae_frames(u, toks, pieces, tables).items():
+            frames.setdefault(name, []).extend(dfs)
+    return {name: pl.concat(dfs, how="diagonal_relaxed") if len(dfs) > 1 else dfs[0] for name, dfs in frames.items()}
 
 
 def write_scan(db_path: str | Path, result) -> int:
@@ -274,10 +354,12 @@ def write_scan(db_path: str | Path, result) -> int:
     """
     p = Path(db_path)
     existed = p.exists()
+    from famfind.plugins import stored_tables
+
     frames = scan_frames(result)  # everything computed before the database is touched
-    ran = [result.registry.get(r.id).cls for r in result.runs]
-    tables = {t.name: t for t in (*CORE, *(t for c in ran for t in c.tables))}
-    views = [v for c in ran for v in c.views]
+    ran = {r.id: result.registry.get(r.id).cls for r in result.runs}.values()
+    tables = {t.name: t for t in (*CORE, *(t for c in ran for t in stored_tables(c)))}
+    views = list({v.name: v for c in ran for v in c.views}.values())
     try:
         con = connect(p)
     except BaseException:

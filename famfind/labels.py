@@ -55,6 +55,7 @@ class Target:
     exemplars: list[int]
     members: list[int]
     feature: int | None = None
+    sae: str = ""  # the SAE whose features these are
 
 
 def balanced_accuracy(truth: list[bool], guess: list[bool]) -> tuple[float, int, int]:
@@ -80,38 +81,45 @@ def _plain(tokens: list[str]) -> str:
     return "".join(tokens).replace("\n", "\\n")
 
 
-def targets(con, scan_id: int, kinds: tuple[str, ...] = ("family", "cluster"), features: tuple[int, ...] = (),
-            n_features: int = 6) -> list[Target]:
-    """The families and clusters of a scan (those with at least one live member) plus the
-    requested single ``features``; raises ``FamfindError`` for a feature the scan lacks."""
+def targets(con, scan_id: int, kinds: tuple[str, ...] = ("family", "cluster"),
+            features: tuple[tuple[int | None, int], ...] = (), n_features: int = 6) -> list[Target]:
+    """The families and clusters of every SAE of a scan (those with at least one live member)
+    plus the requested single ``features`` as ``(layer, feature)`` (layer ``None``: the scan's
+    only SAE); raises ``FamfindError`` for a feature or layer the scan lacks."""
     out: list[Target] = []
-    if "family" in kinds:
-        rows = con.execute("SELECT family, feature FROM families WHERE scan_id = ? "
-                           "ORDER BY family, confidence DESC, feature", [scan_id]).fetchall()
-        fams: dict[str, list[int]] = {}
-        for fam, f in rows:
-            fams.setdefault(fam, []).append(int(f))
-        out += [Target("family", fam, fs[:n_features], fs) for fam, fs in fams.items()]
-    if "cluster" in kinds and table_exists(con, "clusters"):
-        rows = con.execute("SELECT cluster, feature FROM clusters WHERE scan_id = ? ORDER BY cluster, distance, feature",
-                           [scan_id]).fetchall()
-        cl: dict[int, list[int]] = {}
-        for c, f in rows:
-            cl.setdefault(int(c), []).append(int(f))
-        out += [Target("cluster", str(c), fs[:n_features], fs) for c, fs in sorted(cl.items())]
-    d_sae = con.execute("SELECT d_sae FROM scans WHERE scan_id = ?", [scan_id]).fetchone()[0]
-    for f in features:
+    saes = con.execute("SELECT sae, layer, d_sae FROM saes WHERE scan_id = ? ORDER BY layer, sae", [scan_id]).fetchall()
+    for sae, _, _ in saes:
+        if "family" in kinds:
+            rows = con.execute("SELECT family, feature FROM families WHERE scan_id = ? AND sae = ? "
+                               "ORDER BY family, confidence DESC, feature", [scan_id, sae]).fetchall()
+            fams: dict[str, list[int]] = {}
+            for fam, f in rows:
+                fams.setdefault(fam, []).append(int(f))
+            out += [Target("family", fam, fs[:n_features], fs, sae=sae) for fam, fs in fams.items()]
+        if "cluster" in kinds and table_exists(con, "clusters"):
+            rows = con.execute("SELECT cluster, feature FROM clusters WHERE scan_id = ? AND sae = ? "
+                               "ORDER BY cluster, distance, feature", [scan_id, sae]).fetchall()
+            cl: dict[int, list[int]] = {}
+            for c, f in rows:
+                cl.setdefault(int(c), []).append(int(f))
+            out += [Target("cluster", str(c), fs[:n_features], fs, sae=sae) for c, fs in sorted(cl.items())]
+    for layer, f in features:
+        hits = [r for r in saes if layer is None or r[1] == layer]
+        if len(hits) != 1:
+            raise FamfindError("--features", f"{'the scan has several SAEs: name one as LAYER:FEATURE' if layer is None else f'the scan has no SAE at layer {layer}'}"
+                               f" (layers: {', '.join(str(r[1]) for r in saes)})")
+        sae, _, d_sae = hits[0]
         if not 0 <= f < d_sae:
             raise FamfindError("--features", f"feature {f} is not in 0..{d_sae - 1}")
-        out.append(Target("feature", str(f), [f], [f], feature=f))
+        out.append(Target("feature", str(f), [f], [f], feature=f, sae=sae))
     return out
 
 
-def _examples(con, scan_id: int, table: str, feats: list[int]) -> dict[int, list[tuple]]:
+def _examples(con, scan_id: int, sae: str, table: str, feats: list[int]) -> dict[int, list[tuple]]:
     if not feats or not table_exists(con, table):
         return {}
-    rows = con.execute(f"SELECT feature, rank, seq, pos, act, tokens, acts FROM {table} WHERE scan_id = ? "
-                       f"AND feature IN (SELECT unnest(?)) ORDER BY feature, rank", [scan_id, feats]).fetchall()
+    rows = con.execute(f"SELECT feature, rank, seq, pos, act, tokens, acts FROM {table} WHERE scan_id = ? AND sae = ? "
+                       f"AND feature IN (SELECT unnest(?)) ORDER BY feature, rank", [scan_id, sae, feats]).fetchall()
     d: dict[int, list[tuple]] = {}
     for r in rows:
         d.setdefault(int(r[0]), []).append(r[1:])
@@ -122,19 +130,19 @@ def label_request(con, scan_id: int, t: Target, n_top: int = 3, n_quantile: int 
     """The explain prompt for one target (see the module docstring)."""
     single = t.kind == "feature"
     n_top, n_quantile = (8, 4) if single else (n_top, n_quantile)
-    top = _examples(con, scan_id, "examples", t.exemplars)
-    samp = _examples(con, scan_id, "activation_samples", t.exemplars)
+    top = _examples(con, scan_id, t.sae, "examples", t.exemplars)
+    samp = _examples(con, scan_id, t.sae, "activation_samples", t.exemplars)
     logits: dict[int, list[str]] = {}
     if table_exists(con, "feature_logits"):
-        for f, s in con.execute("SELECT feature, token_str FROM feature_logits WHERE scan_id = ? AND direction = "
-                                "'boost' AND feature IN (SELECT unnest(?)) ORDER BY feature, rank",
-                                [scan_id, t.exemplars]).fetchall():
+        for f, s in con.execute("SELECT feature, token_str FROM feature_logits WHERE scan_id = ? AND sae = ? AND "
+                                "direction = 'boost' AND feature IN (SELECT unnest(?)) ORDER BY feature, rank",
+                                [scan_id, t.sae, t.exemplars]).fetchall():
             logits.setdefault(int(f), []).append(s)
     heads: dict[int, list[str]] = {}
     if table_exists(con, "head_attribution"):
         for f, layer, h, a in con.execute("SELECT feature, layer, head, attribution FROM head_attribution WHERE "
-                                          "scan_id = ? AND feature IN (SELECT unnest(?)) ORDER BY feature, "
-                                          "attribution DESC", [scan_id, t.exemplars]).fetchall():
+                                          "scan_id = ? AND sae = ? AND feature IN (SELECT unnest(?)) ORDER BY "
+                                          "feature, attribution DESC", [scan_id, t.sae, t.exemplars]).fetchall():
             heads.setdefault(int(f), []).append(f"{layer}.{h} ({a:.2f})")
     what = {"family": f"the feature family '{t.target}' found by famfind ({len(t.members)} features)",
             "cluster": f"cluster {t.target} of a k-means clustering of features by head attribution "
@@ -173,7 +181,7 @@ def held_out(con, scan_id: int, t: Target, n: int, seed: int, n_feat: int = 32) 
     family the most confident) and as many non-activating ones (``random_contexts`` where
     none of those features is active), shuffled with ``seed``; returns (texts, truth)."""
     feats = t.members[:n_feat]
-    samp = _examples(con, scan_id, "activation_samples", feats)
+    samp = _examples(con, scan_id, t.sae, "activation_samples", feats)
     queues = [[r for r in samp.get(f, []) if r[0] % 2 == 1] for f in feats]
     pos: list[str] = []
     while len(pos) < n and any(queues):
@@ -182,8 +190,8 @@ def held_out(con, scan_id: int, t: Target, n: int, seed: int, n_feat: int = 32) 
                 pos.append(_plain(q.pop(0)[4]))
     neg: list[str] = []
     if pos and table_exists(con, "random_contexts"):
-        rows = con.execute("SELECT tokens FROM random_contexts WHERE scan_id = ? AND NOT list_has_any(active, ?) "
-                           "ORDER BY seq, pos", [scan_id, feats]).fetchall()
+        rows = con.execute("SELECT tokens FROM random_contexts WHERE scan_id = ? AND sae = ? "
+                           "AND NOT list_has_any(active, ?) ORDER BY seq, pos", [scan_id, t.sae, feats]).fetchall()
         rng = random.Random(seed)
         neg = [_plain(r[0]) for r in rng.sample(rows, min(len(pos), len(rows)))]
     items = [(p, True) for p in pos] + [(q, False) for q in neg]
@@ -219,7 +227,7 @@ class LabelRun:
     hits: int
 
 
-def label_scan(con, scan_id: int, llm: LLM, kinds=("family", "cluster"), features: tuple[int, ...] = (),
+def label_scan(con, scan_id: int, llm: LLM, kinds=("family", "cluster"), features: tuple = (),
                n_score: int = 10, seed: int = 0, progress_factory=None) -> LabelRun:
     """Explain and score every target of a scan; writes table ``labels`` (the scan's rows for
     these targets replaced in one transaction). Raises ``FamfindError`` if the scan lacks the
@@ -241,7 +249,7 @@ def label_scan(con, scan_id: int, llm: LLM, kinds=("family", "cluster"), feature
     scores: dict[int, tuple[Reply, list[bool]]] = {i: (s, tr) for i, s, tr in zip(score_idx, sc, truths)}
     rows = []
     for i, (t, r) in enumerate(zip(ts, lab)):
-        row = {"scan_id": scan_id, "kind": t.kind, "target": t.target, "feature": t.feature,
+        row = {"scan_id": scan_id, "sae": t.sae, "kind": t.kind, "target": t.target, "feature": t.feature,
                "label": r.value[0] if r.status == "ok" else None,
                "description": r.value[1] if r.status == "ok" else None, "status": r.status, "score": None,
                "n_pos": None, "n_neg": None, "tp": None, "tn": None, "score_status": None,
@@ -268,8 +276,8 @@ def write_labels(con, scan_id: int, rows: list[dict]) -> None:
     try:
         con.execute(LABELS_SCHEMA)
         con.register("_famfind_labels", df)
-        con.execute("DELETE FROM labels WHERE scan_id = ? AND (kind, target) IN "
-                    "(SELECT (kind, target) FROM _famfind_labels)", [scan_id])
+        con.execute("DELETE FROM labels WHERE scan_id = ? AND (sae, kind, target) IN "
+                    "(SELECT (sae, kind, target) FROM _famfind_labels)", [scan_id])
         con.execute("INSERT INTO labels BY NAME SELECT * FROM _famfind_labels")
         con.unregister("_famfind_labels")
         con.execute("COMMIT")

@@ -38,6 +38,30 @@ class ModelConfig:
     n_ctx: int
 
 
+@dataclass
+class ResidParts:
+    """``blocks.{layer}.hook_resid_pre`` = ``embed + pos + sum_l (z[l] @ W_O[l] + b_O[l] +
+    mlp[l])`` over the layers ``l < layer``, each ``[batch, pos, d_model]`` (``z[l]``: hook_z
+    ``[batch, pos, n_heads, d_head]``, ``W_O[l] [n_heads, d_head, d_model]``, ``b_O[l]
+    [d_model]``); and how ``layer``'s attention reads it: ``ln1(x) = gamma * (x - mean(x)) /
+    scale + beta`` with ``scale [batch, pos, 1]`` frozen from the forward (TransformerLens's
+    ``ln1.hook_scale``), ``v = ln1(x) @ W_V + b_V`` (``W_V [n_heads, d_model, d_head]``,
+    ``b_V [n_heads, d_head]``) and ``pattern [batch, n_heads, query_pos, key_pos]``."""
+
+    embed: torch.Tensor
+    pos: torch.Tensor
+    z: dict[int, torch.Tensor]
+    W_O: dict[int, torch.Tensor]
+    b_O: dict[int, torch.Tensor]
+    mlp: dict[int, torch.Tensor]
+    scale: torch.Tensor
+    gamma: torch.Tensor
+    beta: torch.Tensor
+    W_V: torch.Tensor
+    b_V: torch.Tensor
+    pattern: torch.Tensor
+
+
 class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
@@ -56,9 +80,26 @@ class AttnModel(Protocol):
     def W_O(self, layer: int) -> torch.Tensor: ...
     def W_U(self) -> torch.Tensor: ...
 
+    def circuit_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(W_Q, W_K, W_V, W_O)`` of ``layer`` as TransformerLens's ``from_pretrained``
+        processes them (``fold_ln``: ln1's scale folded into W_Q/W_K/W_V, which are then centred
+        over d_model; ``center_writing_weights``: W_O centred over d_model): the weights circuit
+        analysis (composition scores) reads."""
+        ...
+
     def run_hook_z(self, tokens: torch.Tensor, layer: int, ablate: Ablation | None = None) -> torch.Tensor:
         """``blocks.{layer}.attn.hook_z``, shape ``[batch, pos, n_heads, d_head]``; the
         forward stops there. ``ablate`` overwrites hook_z of (layer, head) at or below it."""
+        ...
+
+    def run_hook_zs(self, tokens: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+        """``blocks.{L}.attn.hook_z`` of each of ``layers`` from one forward that stops at the
+        deepest: ``{layer: [batch, pos, n_heads, d_head]}``."""
+        ...
+
+    def resid_parts(self, tokens: torch.Tensor, layer: int) -> ResidParts:
+        """The residual stream entering ``layer`` split into its parts, with what ``layer``'s
+        attention does with it (:class:`ResidParts`), for recursive DFA."""
         ...
 
     def patterns(self, tokens: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
@@ -173,6 +214,13 @@ class HFGPT2Model:
     def W_U(self) -> torch.Tensor:
         return self.sd.get("lm_head.weight", self.sd["wte.weight"]).T
 
+    def circuit_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        g = self.sd[f"h.{layer}.ln_1.weight"][None, :, None]  # [1, d_model, 1]
+        W_O = self.W_O(layer)
+        read = [g * W for W in (self.W_Q(layer), self.W_K(layer), self.W_V(layer))]
+        read = [W - W.mean(1, keepdim=True) for W in read]  # LayerNorm centres its input: fold that too
+        return (*read, W_O - W_O.mean(-1, keepdim=True))
+
     # --- forward -------------------------------------------------------------------------
     def _ln(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return F.layer_norm(x, (x.shape[-1],), self.sd[f"{name}.weight"], self.sd[f"{name}.bias"], self.eps)
@@ -217,6 +265,44 @@ class HFGPT2Model:
             x = x + self._attn_out(z, lyr)
             x = x + self._mlp(x, lyr)
         raise FamfindError(self.path, f"layer {layer} out of range (n_layers={self.cfg.n_layers})")
+
+    @torch.no_grad()
+    def run_hook_zs(self, tokens: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+        last = max(layers)
+        if last >= self.cfg.n_layers:
+            raise FamfindError(self.path, f"layer {last} out of range (n_layers={self.cfg.n_layers})")
+        x, out = self._embed(tokens), {}
+        for lyr in range(last + 1):
+            z, _ = self._attn(x, lyr, False)
+            if lyr in layers:
+                out[lyr] = z
+            if lyr == last:
+                return out
+            x = x + self._attn_out(z, lyr)
+            x = x + self._mlp(x, lyr)
+        return out
+
+    @torch.no_grad()
+    def resid_parts(self, tokens: torch.Tensor, layer: int) -> ResidParts:
+        if not 0 <= layer < self.cfg.n_layers:
+            raise FamfindError(self.path, f"layer {layer} out of range (n_layers={self.cfg.n_layers})")
+        T = tokens.shape[1]
+        embed, pos = self.sd["wte.weight"][tokens], self.sd["wpe.weight"][:T].expand(tokens.shape[0], -1, -1)
+        x = self._embed(tokens)
+        zs, W_O, b_O, mlp = {}, {}, {}, {}
+        for lyr in range(layer):
+            z, _ = self._attn(x, lyr, False)
+            zs[lyr], W_O[lyr], b_O[lyr] = z, self.W_O(lyr), self.sd[f"h.{lyr}.attn.c_proj.bias"]
+            x = x + self._attn_out(z, lyr)
+            mlp[lyr] = self._mlp(x, lyr)
+            x = x + mlp[lyr]
+        xc = x - x.mean(-1, keepdim=True)
+        scale = (xc.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+        pattern, _ = self.attn_parts(tokens, layer)
+        d, H, dh = self.cfg.d_model, self.cfg.n_heads, self.cfg.d_head
+        b_V = self.sd[f"h.{layer}.attn.c_attn.bias"][2 * d:].view(H, dh)
+        return ResidParts(embed, pos, zs, W_O, b_O, mlp, scale, self.sd[f"h.{layer}.ln_1.weight"],
+                          self.sd[f"h.{layer}.ln_1.bias"], self.W_V(layer), b_V, pattern)
 
     @torch.no_grad()
     def patterns(self, tokens: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
@@ -313,6 +399,10 @@ class TLModel:
     def W_U(self) -> torch.Tensor:
         return self.tl.W_U
 
+    def circuit_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The HookedTransformer's weights as loaded (``from_pretrained`` has processed them)."""
+        return self.W_Q(layer), self.W_K(layer), self.W_V(layer), self.W_O(layer)
+
     @torch.no_grad()
     def run_hook_z(self, tokens: torch.Tensor, layer: int, ablate: Ablation | None = None) -> torch.Tensor:
         store: dict[str, torch.Tensor] = {}
@@ -326,6 +416,31 @@ class TLModel:
             hooks.append((f"blocks.{lyr}.attn.hook_z", fn))
         self.tl.run_with_hooks(tokens, fwd_hooks=hooks, stop_at_layer=layer + 1)
         return store["z"]
+
+    @torch.no_grad()
+    def run_hook_zs(self, tokens: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+        names = {f"blocks.{lyr}.attn.hook_z": lyr for lyr in layers}
+        _, cache = self.tl.run_with_cache(tokens, names_filter=lambda n: n in names, stop_at_layer=max(layers) + 1)
+        return {lyr: cache[n] for n, lyr in names.items()}
+
+    @torch.no_grad()
+    def resid_parts(self, tokens: torch.Tensor, layer: int) -> ResidParts:
+        """From TransformerLens's cache; LayerNorm weights folded by ``from_pretrained`` read as
+        gamma = 1, beta = 0 (an unfolded ``LN`` model's are read from ``blocks.L.ln1``)."""
+        tl = self.tl
+        names = {"hook_embed", "hook_pos_embed", f"blocks.{layer}.ln1.hook_scale", f"blocks.{layer}.attn.hook_pattern",
+                 *(f"blocks.{lyr}.attn.hook_z" for lyr in range(layer)), *(f"blocks.{lyr}.hook_mlp_out" for lyr in range(layer))}
+        _, c = tl.run_with_cache(tokens, names_filter=lambda n: n in names, stop_at_layer=layer + 1)
+        ln = tl.blocks[layer].ln1
+        d = tl.cfg.d_model
+        gamma = ln.w if hasattr(ln, "w") else torch.ones(d, device=tokens.device)
+        beta = ln.b if hasattr(ln, "b") else torch.zeros(d, device=tokens.device)
+        pos = c["hook_pos_embed"].expand(tokens.shape[0], -1, -1)
+        return ResidParts(c["hook_embed"], pos, {lyr: c[f"blocks.{lyr}.attn.hook_z"] for lyr in range(layer)},
+                          {lyr: tl.W_O[lyr] for lyr in range(layer)}, {lyr: tl.b_O[lyr] for lyr in range(layer)},
+                          {lyr: c[f"blocks.{lyr}.hook_mlp_out"] for lyr in range(layer)},
+                          c[f"blocks.{layer}.ln1.hook_scale"], gamma, beta, tl.W_V[layer], tl.b_V[layer],
+                          c[f"blocks.{layer}.attn.hook_pattern"])
 
     @torch.no_grad()
     def patterns(self, tokens: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:

@@ -15,6 +15,13 @@ passed with ``--plugin`` (every ``Heuristic`` subclass defined in it).
   batch of the pass and then ``merge(other)`` to fold in another instance that observed
   another shard of the corpus (the pass may be split, see :mod:`famfind.activations`).
 
+``scope``: ``"sae"`` (the default) runs the detector once per SAE of the scan, with
+``ctx.sae`` that SAE (``ctx.sae_id`` its name, ``ctx.layer`` its layer) and its outputs and
+rows keyed by the SAE (every per-feature table carries ``sae`` and ``layer``); ``"model"``
+runs it once per scan, for facts of the model alone (head roles, composition) or across SAEs:
+it reads a per-SAE output of every SAE with ``ctx.outputs_by_sae(Type)`` and then runs after
+all of them. A per-SAE detector reads a model detector's output with ``ctx.output(Type)``.
+
 ``run(ctx)`` returns a :class:`Result`: the typed ``output`` (read by later detectors with
 ``ctx.output(Type)``; its scalar fields are stored as the detector's ``summary``) and rows for
 the scan's DuckDB tables (``detections``, ``heads``, ``families``, ``validation``, plus the
@@ -56,6 +63,7 @@ ENTRY_POINT_GROUP = "famfind.heuristics"
 ID_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 Needs = Literal["weights", "model", "activations"]
 NEEDS = ("weights", "model", "activations")
+SCOPES = ("sae", "model")
 O = TypeVar("O", bound="Output")
 
 
@@ -185,14 +193,17 @@ class Result:
 
 @dataclass
 class ScanContext:
-    """What a detector sees: the ``sae`` (:class:`famfind.sae.SAE`), the ``model``
-    (:class:`famfind.model.AttnModel`), the ``corpus`` (tokens ``[n_seq, seq_len]``), the
-    scan ``config``, a seeded ``generator`` and ``log``. ``ctx.output(T)`` returns the typed
-    output of the detector that produces ``T`` (it must be in the reader's ``requires``);
-    ``ctx.stats`` (:class:`famfind.activations.FeatureStats`) is there for
-    ``needs="activations"`` detectors once the pass is done."""
+    """What a detector sees: the ``sae`` (:class:`famfind.sae.SAE`; ``None`` for a
+    ``scope="model"`` detector) named ``sae_id``, every SAE of the scan (``saes``: name ->
+    SAE, in layer order), the ``model`` (:class:`famfind.model.AttnModel`), the ``corpus``
+    (tokens ``[n_seq, seq_len]``), the scan ``config``, a seeded ``generator`` and ``log``.
+    ``ctx.output(T)`` returns the typed output of the detector that produces ``T`` (this
+    SAE's, or the model detector's; it must be in the reader's ``requires``);
+    ``ctx.outputs_by_sae(T)`` every SAE's; ``ctx.stats``
+    (:class:`famfind.activations.FeatureStats`) is there for ``needs="activations"``
+    detectors once the pass is done."""
 
-    sae: SAE
+    sae: SAE | None
     model: AttnModel
     corpus: TokenCorpus
     config: ScanConfig
@@ -203,10 +214,17 @@ class ScanContext:
     reader: str = ""  # the detector this view is for ("" = the scan itself, reads anything)
     allowed: frozenset = frozenset()
     may_read_stats: bool = True
+    sae_id: str = ""
+    saes: dict[str, SAE] = field(default_factory=dict)
+    shared: dict[type, Output] = field(default_factory=dict)  # outputs of scope="model" detectors
+    by_sae: dict[str, dict[type, Output]] = field(default_factory=dict)  # every SAE's outputs
 
     @property
     def layer(self) -> int:
-        """The SAE's layer (of ``blocks.{layer}.attn.hook_z``)."""
+        """The SAE's layer (of ``blocks.{layer}.attn.hook_z``); ``FamfindError`` for a
+        ``scope="model"`` detector, which has no SAE."""
+        if self.sae is None:
+            raise FamfindError(f"detector {self.reader or 'scan'!r}", "has scope='model': there is no ctx.layer")
         return self.sae.layer
 
     def output(self, kind: type[O]) -> O:
@@ -214,9 +232,19 @@ class ScanContext:
         detector does not require it, or when it was not produced."""
         if self.reader and kind not in self.allowed:
             raise FamfindError(f"detector {self.reader!r}", f"reads {kind.__name__} but does not list it in requires")
-        if kind not in self.outputs:
-            raise FamfindError(f"detector {self.reader or 'scan'!r}", f"no {kind.__name__} was produced")
-        return self.outputs[kind]  # type: ignore[return-value]
+        if kind in self.outputs:
+            return self.outputs[kind]  # type: ignore[return-value]
+        if kind in self.shared:
+            return self.shared[kind]  # type: ignore[return-value]
+        raise FamfindError(f"detector {self.reader or 'scan'!r}", f"no {kind.__name__} was produced"
+                           + (f" for SAE {self.sae_id}" if self.sae_id else ""))
+
+    def outputs_by_sae(self, kind: type[O]) -> dict[str, O]:
+        """``{sae_id: output}`` of type ``kind`` for every SAE that produced it (a per-SAE
+        output read across SAEs, e.g. by a ``scope="model"`` detector)."""
+        if self.reader and kind not in self.allowed:
+            raise FamfindError(f"detector {self.reader!r}", f"reads {kind.__name__} but does not list it in requires")
+        return {sid: outs[kind] for sid, outs in self.by_sae.items() if kind in outs}  # type: ignore[misc]
 
     @property
     def stats(self) -> FeatureStats:
@@ -245,6 +273,7 @@ class Heuristic(abc.ABC):
     id: ClassVar[str]
     version: ClassVar[str] = "0.1"
     needs: ClassVar[Needs] = "weights"
+    scope: ClassVar[Literal["sae", "model"]] = "sae"
     produces: ClassVar[type[Output] | None] = None
     requires: ClassVar[tuple[type[Output], ...]] = ()
     tables: ClassVar[tuple[Table, ...]] = ()
@@ -294,6 +323,11 @@ def validate_class(cls: type, origin: str) -> None:
         raise FamfindError(origin, f"detector id {hid!r} must match [a-z][a-z0-9_]*")
     if cls.needs not in NEEDS:
         raise FamfindError(origin, f"needs={cls.needs!r}; must be one of {', '.join(NEEDS)}")
+    if cls.scope not in SCOPES:
+        raise FamfindError(origin, f"scope={cls.scope!r}; must be one of {', '.join(SCOPES)}")
+    if cls.scope == "model" and cls.needs == "activations":
+        raise FamfindError(origin, f"detector {hid!r}: scope='model' cannot observe the activation pass "
+                           "(per-SAE statistics belong to scope='sae' detectors)")
     if inspect.isabstract(cls):
         raise FamfindError(origin, "detector does not implement run(ctx)")
     if cls.produces is not None and not (inspect.isclass(cls.produces) and issubclass(cls.produces, Output)
@@ -330,7 +364,7 @@ def _outputs_named(cls: type) -> set[type]:
     env = vars(sys.modules[cls.__module__]) if cls.__module__ in sys.modules else {}
     found = set()
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "output"
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("output", "outputs_by_sae")
                 and len(node.args) == 1):
             a = node.args[0]
             obj = None
@@ -406,9 +440,10 @@ class Registry:
         return self._tables.get(name)
 
     def declared_tables(self) -> tuple[list[Table], list[View]]:
-        """Every table and view declared by a registered detector, by detector id."""
+        """Every table (as stored: see :func:`stored_tables`) and view declared by a
+        registered detector, by detector id."""
         cls = [self._entries[h].cls for h in self.ids()]
-        return [t for c in cls for t in c.tables], [v for c in cls for v in c.views]
+        return [t for c in cls for t in stored_tables(c)], [v for c in cls for v in c.views]
 
     def __contains__(self, hid: str) -> bool:
         return hid in self._entries
@@ -451,6 +486,12 @@ class Registry:
         for c in found:
             self.register(c, str(p))
         return [c.id for c in found]
+
+
+def stored_tables(cls: type[Heuristic]) -> list[Table]:
+    """A detector's declared tables as stored: a ``scope="sae"`` detector's rows are keyed
+    by the SAE, so each of its tables gains a leading ``sae`` column (filled by the store)."""
+    return [t.with_sae() if cls.scope == "sae" else t for t in cls.tables]
 
 
 def _short(e: BaseException) -> str:

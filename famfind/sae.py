@@ -261,6 +261,25 @@ def load_sae(path: str | Path) -> SAE:
                        "or a Kissane-format .pt with its _cfg.json")
 
 
+def sae_paths(path: str | Path) -> list[Path]:
+    """The SAEs a path names: itself when a loader reads it, else (a folder of SAE folders or
+    files, as a SAELens release lays out one folder per hook) each entry of the folder that is
+    an SAE (a folder with ``cfg.json``, a ``.safetensors`` file, a ``.pt`` with its
+    ``_cfg.json``), sorted by name. Raises ``FamfindError`` naming the path when it does not
+    exist or holds no SAE."""
+    p = Path(path)
+    if not p.exists():
+        raise FamfindError(p, "file not found")
+    if not p.is_dir() or (p / SAELENS_CFG).exists():
+        return [p]
+    found = sorted(q for q in p.iterdir()
+                   if (q.is_dir() and (q / SAELENS_CFG).exists()) or q.suffix == ".safetensors"
+                   or (q.suffix == ".pt" and q.with_name(q.stem + "_cfg.json").exists()))
+    if not found:
+        raise FamfindError(p, f"no SAE here: neither {SAELENS_CFG} nor a folder of SAE folders")
+    return found
+
+
 def file_sha256(path: str | Path) -> str:
     """sha256 of a file, or of a directory's files in sorted order (hex digest)."""
     p = Path(path)

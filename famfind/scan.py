@@ -1,13 +1,19 @@
-"""``famfind scan``: load an attention SAE + its model + a corpus, run the detectors.
+"""``famfind scan``: load attention SAEs (one, or every layer's) + their model + a corpus,
+run the detectors.
 
-Order: detectors that need only weights or the model run first (topologically by the
-outputs they require); then one activation pass (:mod:`famfind.activations`) feeds every
-``needs="activations"`` detector's ``observe``; then those detectors' ``run`` (and any
-detector that requires one of their outputs). The pass may be split into ``shards``
-sequence ranges whose accumulators (and observing detectors) are merged: the answer is one
-pass's. A failing detector, or one returning a malformed :class:`Result`, is recorded and
-skipped with its dependents, unless ``strict_plugins``. Nothing is written here;
-:func:`famfind.db.write_scan` stores the result in one transaction.
+A scan holds one or more SAEs of one model (paths, or a folder of SAE folders laid out as a
+SAELens release: one folder per hook). ``scope="model"`` detectors run once; every
+``scope="sae"`` detector runs once per SAE, with that SAE's context. Order: model detectors
+that read no per-SAE output; per SAE, the detectors that need only weights or the model
+(topologically by the outputs they require); then one activation pass whose forward runs to
+the deepest SAE's layer and encodes every SAE at its hook, feeding each SAE's accumulators and
+observing detectors (:mod:`famfind.activations`); then per SAE the ``needs="activations"``
+detectors (and any that require their outputs); last, model detectors that read per-SAE
+outputs. The pass may be split into ``shards`` sequence ranges whose accumulators (and
+observing detectors) are merged: the answer is one pass's. A failing detector, or one
+returning a malformed :class:`Result`, is recorded and skipped with its dependents (per SAE),
+unless ``strict_plugins``. Nothing is written here; :func:`famfind.db.write_scan` stores the
+result in one transaction.
 """
 
 from __future__ import annotations
@@ -27,14 +33,14 @@ from famfind.errors import FamfindError
 from famfind.model import AttnModel, load_model
 from famfind.plugins import (Detection, FamilyMember, HeadScore, Heuristic, Registry, Result, ScanContext,
                              Validation, default_registry, execution_order, selected_ids)
-from famfind.sae import SAE, file_sha256, load_sae
+from famfind.sae import SAE, file_sha256, load_sae, sae_paths
 
 
 @dataclass(frozen=True)
 class ScanConfig:
     """Everything a scan depends on; stored as JSON in the ``scans`` table."""
 
-    sae: str = ""
+    sae: tuple[str, ...] = ()  # SAE paths or folders of SAE folders (none: the embedded default's)
     model: str | None = None
     corpus: str | None = None
     seq_len: int = 128  # the context length gelu-2l's attention SAEs were trained on
@@ -51,6 +57,12 @@ class ScanConfig:
     detector_options: dict = field(default_factory=dict)
     seed: int = 0
     device: str = "cpu"
+
+    def __post_init__(self):
+        if isinstance(self.sae, (str, Path)):  # one path
+            object.__setattr__(self, "sae", (str(self.sae),) if str(self.sae) else ())
+        else:
+            object.__setattr__(self, "sae", tuple(str(x) for x in self.sae))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -74,23 +86,69 @@ class DetectorRun:
     error: str = ""
     seconds: float = 0.0
     output_type: str = ""
+    sae: str = ""  # the SAE it ran on ("" for a scope="model" detector)
+
+
+@dataclass
+class SAEScan:
+    """One SAE's part of a scan: its name (``id``, the hook name), the loaded ``sae``, its
+    ``path`` and weights ``sha256``, its context (``ctx.stats`` and its typed outputs), and
+    its detectors' run records and :class:`Result` rows (``results[id]``, ok runs only)."""
+
+    id: str
+    sae: SAE
+    path: Path
+    sha256: str
+    ctx: ScanContext
+    runs: dict[str, DetectorRun] = field(default_factory=dict)
+    results: dict[str, Result] = field(default_factory=dict)
 
 
 @dataclass
 class ScanResult:
-    """A finished scan: the context (with ``ctx.stats`` and every typed output), each
-    detector's run record and its :class:`Result` rows (``results[id]``, ok runs only)."""
+    """A finished scan of one or more SAEs of one model: ``saes`` (one :class:`SAEScan`
+    each, in layer order), the model-level context and the runs and results of the
+    ``scope="model"`` detectors."""
 
-    ctx: ScanContext
-    runs: list[DetectorRun]
-    results: dict[str, Result]
+    model_ctx: ScanContext
+    saes: list[SAEScan]
+    model_runs: dict[str, DetectorRun]
+    model_results: dict[str, Result]
     registry: Registry
-    sae_sha256: str
     seconds: float
 
-    def output(self, kind):
-        """The typed output of type ``kind`` (e.g. ``result.output(HeadRoleScores)``)."""
-        return self.ctx.output(kind)
+    def sae(self, key: str | int | None = None) -> SAEScan:
+        """The part of the scan for SAE ``key``: its name, or its layer (an int), or (``None``)
+        the only SAE. Raises ``KeyError`` when none or several match."""
+        if key is None:
+            hits = self.saes if len(self.saes) == 1 else []
+        else:
+            hits = [u for u in self.saes if (u.sae.layer == key if isinstance(key, int) else u.id == key)]
+        if len(hits) != 1:
+            raise KeyError(f"{len(hits)} SAEs match {key!r}; this scan has {[u.id for u in self.saes]}")
+        return hits[0]
+
+    @property
+    def ctx(self) -> ScanContext:
+        """The only SAE's context (``KeyError`` for a scan of several SAEs: use ``sae(key).ctx``)."""
+        return self.sae().ctx
+
+    @property
+    def runs(self) -> list[DetectorRun]:
+        """Every run record: the model detectors', then each SAE's."""
+        return [*self.model_runs.values(), *(r for u in self.saes for r in u.runs.values())]
+
+    @property
+    def results(self) -> dict[str, Result]:
+        """The model detectors' results and the only SAE's (``KeyError`` for several SAEs)."""
+        return {**self.model_results, **self.sae().results}
+
+    def output(self, kind, sae: str | int | None = None):
+        """The typed output of type ``kind`` (e.g. ``result.output(HeadRoleScores)``): a model
+        detector's, or SAE ``sae``'s (name or layer; may be left out for a one-SAE scan)."""
+        if kind in self.model_ctx.outputs:
+            return self.model_ctx.outputs[kind]
+        return self.sae(sae).ctx.output(kind)
 
 
 def resolve_model_spec(sae: SAE, model: str | None, sae_path: Path) -> str:
@@ -113,6 +171,33 @@ def check_compatible(sae: SAE, model: AttnModel) -> None:
     if sae.d_in != c.n_heads * c.d_head:
         raise FamfindError(sae.path, f"d_in={sae.d_in} but the model's hook_z has n_heads*d_head = "
                            f"{c.n_heads}*{c.d_head} = {c.n_heads * c.d_head}")
+
+
+def load_saes(specs: tuple[str, ...], model: str | None, device: str = "cpu") -> tuple[list[tuple[str, Path, SAE]], str]:
+    """Every SAE the specs name (paths, or folders of SAE folders; none: the embedded default's
+    release folder), as ``(name, path, sae)`` in layer order, and the model spec they share.
+    Names are hook names (plus ``/file name`` when two SAEs share a hook). Raises
+    ``FamfindError`` naming the SAE whose ``model_name`` disagrees with the first's (unless
+    ``model`` is given)."""
+    paths = [q for spec in (specs or (str(default_dir() / "saes"),)) for q in sae_paths(spec)]
+    loaded = [(q, load_sae(q).to(device)) for q in paths]
+    spec0 = resolve_model_spec(loaded[0][1], model, loaded[0][0])
+    if model is None:  # every SAE names the first one's model
+        for q, sae in loaded[1:]:
+            other = resolve_model_spec(sae, None, q)
+            if other != spec0:
+                raise FamfindError(q, f"model_name resolves to {other!r}, but the first SAE's to {spec0!r}: "
+                                   "SAEs of one scan must share a model (or pass --model)")
+    loaded.sort(key=lambda x: x[1].layer)
+    hooks = [s.hook_name for _, s in loaded]
+    names, out = set(), []
+    for q, sae in loaded:
+        name = sae.hook_name if hooks.count(sae.hook_name) == 1 else f"{sae.hook_name}/{q.name}"
+        while name in names:
+            name += "'"
+        names.add(name)
+        out.append((name, q, sae))
+    return out, spec0
 
 
 def check_result(det: Heuristic, out: Any) -> Result:
@@ -140,10 +225,13 @@ def check_result(det: Heuristic, out: Any) -> Result:
 
 
 class _Runner:
-    """Runs detector steps, recording failures (or skips) instead of raising."""
+    """Runs detector steps for one unit of a scan (the model, or one SAE), recording failures
+    (or skips) instead of raising. ``model``: the model unit's runner (for an SAE unit)."""
 
-    def __init__(self, reg: Registry, dets: dict[str, Heuristic], ctx: ScanContext, strict: bool, log):
+    def __init__(self, reg: Registry, dets: dict[str, Heuristic], ctx: ScanContext, strict: bool, log,
+                 model: _Runner | None = None, sae_units: list[_Runner] = ()):
         self.reg, self.dets, self.ctx, self.strict, self.log = reg, dets, ctx, strict, log
+        self.model, self.sae_units = model, sae_units
         self.runs: dict[str, DetectorRun] = {}
         self.results: dict[str, Result] = {}
         self.spent: dict[str, float] = {}
@@ -151,13 +239,23 @@ class _Runner:
     def ok(self, hid: str) -> bool:
         return hid in self.runs and self.runs[hid].status == "ok"
 
+    def dep_ok(self, hid: str) -> bool:
+        """Did dependency ``hid`` run: in this unit, the model unit (a model detector), or (for the
+        model unit reading per-SAE outputs) on at least one SAE."""
+        if self.reg.get(hid).cls.scope == "model":
+            return (self.model or self).ok(hid)
+        if self.model is None:
+            return any(u.ok(hid) for u in self.sae_units)
+        return self.ok(hid)
+
     def step(self, hid: str, what: str, fn: Callable[[ScanContext], Any]) -> bool:
         """Run ``fn(view)`` for detector ``hid`` (``what`` = start/observe/merge/run)."""
         det, origin = self.dets[hid], self.reg.get(hid).origin
         cls = type(det)
-        failed = [r for r in self.reg.dependencies(hid) if not self.ok(r)]
+        failed = [r for r in self.reg.dependencies(hid) if not self.dep_ok(r)]
         if failed:
-            self.runs[hid] = DetectorRun(hid, det.version, origin, "skipped", f"requires {failed[0]!r}, which did not run")
+            self.runs[hid] = DetectorRun(hid, det.version, origin, "skipped", f"requires {failed[0]!r}, which did not run",
+                                         sae=self.ctx.sae_id)
             return False
         t = time.time()
         try:
@@ -170,7 +268,8 @@ class _Runner:
             raise
         except Exception as e:  # one broken detector never stops a scan
             if self.strict:
-                raise FamfindError(origin, f"detector {hid!r} failed in {what}() ({type(e).__name__}: {e})") from e
+                on = f" on {self.ctx.sae_id}" if self.ctx.sae_id else ""
+                raise FamfindError(origin, f"detector {hid!r} failed in {what}(){on} ({type(e).__name__}: {e})") from e
             return self._fail(hid, origin, e, t)
         self.spent[hid] = self.spent.get(hid, 0.0) + time.time() - t
         if what == "run":
@@ -178,15 +277,16 @@ class _Runner:
             if out.output is not None:
                 self.ctx.outputs[cls.produces] = out.output
         self.runs[hid] = DetectorRun(hid, det.version, origin, "ok", "", self.spent[hid],
-                                     cls.produces.__name__ if cls.produces else "")
+                                     cls.produces.__name__ if cls.produces else "", self.ctx.sae_id)
         return True
 
     def _fail(self, hid, origin, e, t) -> bool:
         det = self.dets[hid]
         msg = f"{type(e).__name__}: {e}"
         self.runs[hid] = DetectorRun(hid, det.version, origin, "failed", msg[:300],
-                                     self.spent.get(hid, 0.0) + time.time() - t)
-        self.log(f"warning: detector {hid} ({origin}) failed: {msg}")
+                                     self.spent.get(hid, 0.0) + time.time() - t, sae=self.ctx.sae_id)
+        on = f" on {self.ctx.sae_id}" if self.ctx.sae_id else ""
+        self.log(f"warning: detector {hid} ({origin}) failed{on}: {msg}")
         return False
 
 
@@ -198,56 +298,70 @@ def shard_rows(n_seq: int, shards: int) -> list[tuple[int, int]]:
     return [(lo, hi) for lo, hi in zip(cuts, cuts[1:]) if hi > lo]
 
 
-def _pass(run: _Runner, order: list[str], config: ScanConfig, progress_factory) -> FeatureStats:
-    """The activation pass over every shard, each with its own accumulators and detector
-    instances, merged in corpus order."""
-    ctx = run.ctx
-    tokens = ctx.corpus.tokens
+def _pass(units: list[_Runner], order: list[str], config: ScanConfig, progress_factory) -> list[FeatureStats]:
+    """The activation pass over every shard: one forward per batch for all SAEs; each SAE
+    (unit) has its own accumulators and observing detector instances per shard, merged in
+    corpus order. Returns each unit's :class:`FeatureStats`."""
+    ctx0 = units[0].ctx
+    tokens = ctx0.corpus.tokens
     n_seq, T = tokens.shape
-    observing = [h for h in order if run.dets[h].needs == "activations" and run.step(h, "start", run.dets[h].start)]
+    n_heads = ctx0.model.cfg.n_heads
+    observing = [[h for h in order if u.dets.get(h) is not None and u.dets[h].needs == "activations"
+                  and u.step(h, "start", u.dets[h].start)] for u in units]
     adv = progress_factory("activation pass", n_seq) if progress_factory else None
-    total, done = None, 0
+    totals: list[PassState] | None = None
+    done = 0
     for lo, hi in shard_rows(n_seq, config.shards):
-        state = PassState(ctx.sae, ctx.model.cfg.n_heads, n_seq, T, config.top_k, config.n_samples, config.n_random,
-                          config.seed, config.device)
-        insts = {}
-        for h in observing:
-            if total is None:
-                insts[h] = run.dets[h]
-            elif run.ok(h):
-                insts[h] = type(run.dets[h])(run.dets[h].options)
-                run.step(h, "start", insts[h].start)
+        states = [PassState(u.ctx.sae, n_heads, n_seq, T, config.top_k, config.n_samples, config.n_random,
+                            config.seed, config.device) for u in units]
+        insts: list[dict[str, Heuristic]] = []
+        for u, obs in zip(units, observing):
+            mine = {}
+            for h in obs:
+                if totals is None:
+                    mine[h] = u.dets[h]
+                elif u.ok(h):
+                    mine[h] = type(u.dets[h])(u.dets[h].options)
+                    u.step(h, "start", mine[h].start)
+            insts.append(mine)
 
-        def observer(h):
-            return lambda batch: run.ok(h) and run.step(h, "observe", lambda c: insts[h].observe(batch, c))
+        def observer(u, h, inst):
+            return lambda batch: u.ok(h) and u.step(h, "observe", lambda c: inst.observe(batch, c))
 
-        activation_pass(ctx.model, ctx.sae, tokens, state, config.batch_size, [observer(h) for h in insts],
+        activation_pass(ctx0.model, [u.ctx.sae for u in units], tokens, states, config.batch_size,
+                        [[observer(u, h, inst) for h, inst in mine.items()] for u, mine in zip(units, insts)],
                         (lambda n, d=done: adv(d + n)) if adv else None, config.device, (lo, hi))
         done += hi - lo
-        if total is None:
-            total = state
-        else:
-            total.merge(state)
-            for h, inst in insts.items():
-                if run.ok(h):
-                    run.step(h, "merge", lambda c, h=h, inst=inst: run.dets[h].merge(inst))
-    return total.finalize()
+        if totals is None:
+            totals = states
+            continue
+        for u, tot, st, mine in zip(units, totals, states, insts):
+            tot.merge(st)
+            for h, inst in mine.items():
+                if u.ok(h):
+                    u.step(h, "merge", lambda c, u=u, h=h, inst=inst: u.dets[h].merge(inst))
+    return [t.finalize() for t in totals]
 
 
 def run_scan(config: ScanConfig, registry: Registry | None = None,
              progress_factory=None, log: Callable[[str], None] = lambda m: None) -> ScanResult:
-    """Run a scan (nothing written). ``progress_factory(description, total)`` returns an
-    ``advance(n_done)`` callback, e.g. a rich progress bar.
+    """Run a scan of one or more SAEs of one model (nothing written).
+    ``progress_factory(description, total)`` returns an ``advance(n_done)`` callback, e.g. a
+    rich progress bar.
 
-    Raises ``FamfindError`` for bad input (SAE/model/corpus/detector selection/options) and,
+    Order: ``scope="model"`` detectors that read no per-SAE output; per SAE, the detectors
+    that need no activations; one activation pass for all SAEs; per SAE, the activation
+    detectors (and what reads them); the model detectors that read per-SAE outputs.
+
+    Raises ``FamfindError`` for bad input (SAEs/model/corpus/detector selection/options) and,
     with ``strict_plugins``, for a failing detector.
     """
     t0 = time.time()
     torch.manual_seed(config.seed)
-    sae_path = Path(config.sae) if config.sae else default_dir() / "sae"
-    sae = load_sae(sae_path).to(config.device)
-    model = load_model(resolve_model_spec(sae, config.model, sae_path), config.device)
-    check_compatible(sae, model)
+    loaded, spec = load_saes(config.sae, config.model, config.device)
+    model = load_model(spec, config.device)
+    for _, _, sae in loaded:
+        check_compatible(sae, model)
     corpus = load_corpus(config.corpus, model.tokenizer, config.seq_len, config.max_tokens, model.cfg.d_vocab)
     reg = registry or default_registry(config.plugins, config.strict_plugins)
     ids = selected_ids(reg, config.select, config.skip)
@@ -256,24 +370,65 @@ def run_scan(config: ScanConfig, registry: Registry | None = None,
     if unknown_opts:
         raise FamfindError("detector options", f"no selected detector {unknown_opts[0]!r}; "
                            f"selected: {', '.join(sorted(ids))}")
-    dets: dict[str, Heuristic] = {}
-    for hid in order:
+    scope = {h: reg.get(h).cls.scope for h in order}
+
+    def make(hid):
         cls = reg.get(hid).cls
-        dets[hid] = cls(cls.Options.from_dict(config.detector_options.get(hid, {}), hid))
-    post: set[str] = set()  # run after the pass: activation detectors and whatever reads their outputs
+        return cls(cls.Options.from_dict(config.detector_options.get(hid, {}), hid))
+
+    late: set[str] = set()  # model detectors that read per-SAE outputs (directly or through another)
+    post: set[str] = set()  # per-SAE detectors after the pass: activation detectors and their readers
     for hid in order:
-        if dets[hid].needs == "activations" or any(r in post for r in reg.dependencies(hid)):
-            post.add(hid)
-    ctx = ScanContext(sae, model, corpus, config, generator=torch.Generator().manual_seed(config.seed), log=log)
-    run = _Runner(reg, dets, ctx, config.strict_plugins, log)
-    det_adv = progress_factory("detectors", len(order)) if progress_factory else (lambda n: None)
-    pre = [h for h in order if h not in post]
-    for i, hid in enumerate(pre):
-        run.step(hid, "run", dets[hid].run)
-        det_adv(i + 1)
-    ctx.feature_stats = _pass(run, order, config, progress_factory)
-    for i, hid in enumerate(h for h in order if h in post):
-        if hid not in run.runs or run.ok(hid):
-            run.step(hid, "run", dets[hid].run)
-        det_adv(len(pre) + i + 1)
-    return ScanResult(ctx, [run.runs[h] for h in order], run.results, reg, file_sha256(sae_path), time.time() - t0)
+        deps = reg.dependencies(hid)
+        if scope[hid] == "model" and any(scope[r] == "sae" or r in late for r in deps):
+            late.add(hid)
+        if scope[hid] == "sae":
+            bad = [r for r in deps if r in late]
+            if bad:
+                raise FamfindError(f"detector {hid!r}", f"requires {bad[0]!r}, a scope='model' detector that "
+                                   "reads per-SAE outputs: it runs after every SAE's detectors")
+            if reg.get(hid).cls.needs == "activations" or any(r in post for r in deps):
+                post.add(hid)
+    saes = {name: sae for name, _, sae in loaded}
+    by_sae: dict[str, dict] = {name: {} for name in saes}
+    mctx = ScanContext(None, model, corpus, config, generator=torch.Generator().manual_seed(config.seed), log=log,
+                       saes=saes, by_sae=by_sae)
+    munit = _Runner(reg, {h: make(h) for h in order if scope[h] == "model"}, mctx, config.strict_plugins, log)
+    units = []
+    for name, path, sae in loaded:
+        ctx = ScanContext(sae, model, corpus, config, generator=torch.Generator().manual_seed(config.seed), log=log,
+                          outputs=by_sae[name], sae_id=name, saes=saes, shared=mctx.outputs, by_sae=by_sae)
+        units.append(_Runner(reg, {h: make(h) for h in order if scope[h] == "sae"}, ctx, config.strict_plugins,
+                             log, model=munit))
+    munit.sae_units = units
+    steps = [h for h in order if scope[h] == "model" and h not in late]
+    det_adv = progress_factory("detectors", len(munit.dets) + len(units) * (len(order) - len(munit.dets))) \
+        if progress_factory else (lambda n: None)
+    done = 0
+
+    def tick():
+        nonlocal done
+        done += 1
+        det_adv(done)
+
+    for hid in steps:
+        munit.step(hid, "run", munit.dets[hid].run)
+        tick()
+    for u in units:
+        for hid in (h for h in order if scope[h] == "sae" and h not in post):
+            u.step(hid, "run", u.dets[hid].run)
+            tick()
+    for u, stats in zip(units, _pass(units, order, config, progress_factory)):
+        u.ctx.feature_stats = stats
+    for u in units:
+        for hid in (h for h in order if h in post):
+            if hid not in u.runs or u.ok(hid):
+                u.step(hid, "run", u.dets[hid].run)
+            tick()
+    for hid in (h for h in order if h in late):
+        munit.step(hid, "run", munit.dets[hid].run)
+        tick()
+    parts = [SAEScan(name, sae, path, file_sha256(path), u.ctx, {h: u.runs[h] for h in order if h in u.runs},
+                     u.results) for (name, path, sae), u in zip(loaded, units)]
+    return ScanResult(mctx, parts, {h: munit.runs[h] for h in order if h in munit.runs}, munit.results, reg,
+                      time.time() - t0)

@@ -59,6 +59,12 @@ class Table:
         if len(set(names)) != len(names) or "scan_id" in names:
             raise FamfindError(f"table {self.name!r}", "duplicate column, or a declared scan_id")
 
+    def with_sae(self) -> "Table":
+        """This table with a leading ``sae`` column (the rows of a per-SAE detector)."""
+        if any(c.name == "sae" for c in self.columns):
+            return self
+        return Table(self.name, (SAE_COLUMN, *self.columns), self.doc, self.per_scan, self.primary_key)
+
     def ddl(self) -> str:
         cols = ", ".join(f'"{c.name}" {c.type}' + (" PRIMARY KEY" if c.name == self.primary_key else "")
                          for c in self.columns)
@@ -89,6 +95,10 @@ class Table:
             raise FamfindError(owner, f"table {self.name!r}: {str(e).splitlines()[0][:160]}") from None
 
 
+SAE_COLUMN = Column("sae", "VARCHAR", "the SAE (its hook name, see saes)")
+LAYER_COLUMN = Column("layer", "INTEGER", "the SAE's layer")
+
+
 @dataclass(frozen=True)
 class View:
     """A view over tables (``sql`` is its ``SELECT``), created once its tables exist."""
@@ -102,14 +112,19 @@ class View:
 def _c(spec: str) -> tuple[Column, ...]:
     """Columns from ``"name TYPE: doc"`` lines (a compact way to declare the core tables)."""
     out = []
-    for line in spec.strip().splitlines():
+    for line in filter(str.strip, spec.strip().splitlines()):
         head, doc = line.split(":", 1)
         name, typ = head.split(None, 1)
         out.append(Column(name, typ.strip(), doc.strip()))
     return tuple(out)
 
 
-_EXAMPLE = """
+_SAE = """
+sae VARCHAR: the SAE (its hook name, see saes)
+layer INTEGER: the SAE's layer
+"""
+
+_EXAMPLE = _SAE + """
 feature INTEGER: SAE feature index
 rank INTEGER: 0 = highest activation
 seq INTEGER: corpus sequence (row of the token matrix)
@@ -123,26 +138,43 @@ acts FLOAT[]: the feature's activation on each window token
 SCANS = Table("scans", _c("""
 created_at TIMESTAMP: when the scan was written (UTC)
 famfind_version VARCHAR: famfind release that wrote it
-sae_path VARCHAR: resolved path of the SAE
-sae_sha256 VARCHAR: sha256 of the SAE weights file
-architecture VARCHAR: standard, topk or jumprelu
+sae_path VARCHAR: resolved path of the (first) SAE; every SAE is in saes
+sae_sha256 VARCHAR: sha256 of the (first) SAE's weights
+architecture VARCHAR: standard, topk or jumprelu (first SAE)
 d_in INTEGER: SAE input width, n_heads * d_head
-d_sae INTEGER: number of SAE features
+d_sae INTEGER: number of features of the (first) SAE
 model VARCHAR: model name or path
-hook_name VARCHAR: TransformerLens hook, blocks.L.attn.hook_z
-layer INTEGER: the hook's layer
+hook_name VARCHAR: TransformerLens hook of the (first) SAE, blocks.L.attn.hook_z
+layer INTEGER: the (first) SAE's layer
 corpus VARCHAR: corpus source
 n_tokens BIGINT: positions scanned
 seq_len INTEGER: tokens per sequence
-l0 DOUBLE: mean active features per position (L0)
-dead_fraction DOUBLE: share of features that never fired
+l0 DOUBLE: mean active features per position (L0) of the (first) SAE
+dead_fraction DOUBLE: share of the (first) SAE's features that never fired
+n_saes INTEGER: SAEs scanned in one pass
 seconds DOUBLE: scan wall time
 config JSON: the full scan configuration
 """), "one row per scan", primary_key="scan_id")
 
+SAES = Table("saes", _c("""
+sae VARCHAR: the SAE's name in this scan: its hook name (plus /file name when two share a hook)
+path VARCHAR: resolved path of the SAE
+sha256 VARCHAR: sha256 of its weights file(s)
+hook_name VARCHAR: TransformerLens hook, blocks.L.attn.hook_z
+layer INTEGER: the hook's layer
+architecture VARCHAR: standard, topk or jumprelu
+d_in INTEGER: input width, n_heads * d_head
+d_sae INTEGER: number of features
+l0 DOUBLE: mean active features per position (L0) on the scanned corpus
+dead_fraction DOUBLE: share of features that never fired
+n_tokens BIGINT: positions scanned
+"""), "one row per SAE of the scan (a scan may hold every layer's SAE)")
+
 CORE: tuple[Table, ...] = (
     SCANS,
+    SAES,
     Table("detector_runs", _c("""
+sae VARCHAR: the SAE it ran on (NULL: a scope=model detector, run once per scan)
 detector VARCHAR: detector id
 version VARCHAR: detector version
 origin VARCHAR: package[entry] or plugin file
@@ -151,8 +183,8 @@ error VARCHAR: why it failed or was skipped
 seconds DOUBLE: time spent in the detector
 output_type VARCHAR: class of its typed output
 summary JSON: its typed output's serialisation (scalar fields)
-"""), "one row per detector of the scan"),
-    Table("features", _c("""
+"""), "one row per detector and SAE of the scan"),
+    Table("features", _c(_SAE + """
 feature INTEGER: SAE feature index
 fire_count BIGINT: positions with activation > 0
 density DOUBLE: fire_count / n_tokens
@@ -161,26 +193,27 @@ max_act DOUBLE: largest activation
 dead BOOLEAN: never fired on the corpus
 """), "per-feature statistics of the activation pass"),
     Table("heads", _c("""
+sae VARCHAR: the SAE whose detector wrote it (NULL: a scope=model detector)
 layer INTEGER: layer of the head
 head INTEGER: head index
 metric VARCHAR: e.g. induction, previous_token, successor, name_mover_logit_diff
 score DOUBLE: the metric's value (range per detector)
 """), "per-head scores from every detector"),
-    Table("detections", _c("""
+    Table("detections", _c(_SAE + """
 detector VARCHAR: detector id
 feature INTEGER: SAE feature index
 score DOUBLE: the detector's score (e.g. head attribution, pass rate)
 passed BOOLEAN: passed the detector's test
 evidence JSON: per-detector evidence; group = selected or control for families
 """), "one feature's verdict from one detector"),
-    Table("families", _c("""
+    Table("families", _c(_SAE + """
 family VARCHAR: family name
 feature INTEGER: SAE feature index
 confidence DOUBLE: e.g. the behaviour test's pass rate
 detector VARCHAR: detector that assigned it
-is_primary BOOLEAN: the feature's highest-confidence family
+is_primary BOOLEAN: the feature's highest-confidence family (per SAE and feature)
 """), "family members"),
-    Table("validation", _c("""
+    Table("validation", _c(_SAE + """
 family VARCHAR: family name
 selected INTEGER: features selected by head attribution
 passed INTEGER: selected features passing the behaviour test
@@ -188,18 +221,18 @@ control INTEGER: control features tested
 control_passed INTEGER: control features passing
 ablation_tested INTEGER: family features tested by ablation
 ablation_off INTEGER: of those, turned off by mean-ablating the role heads
-"""), "one row per family, the shape of the paper's induction table"),
+"""), "one row per family and SAE, the shape of the paper's induction table"),
     Table("examples", _c(_EXAMPLE), "top-activating examples per live feature"),
     Table("activation_samples", _c(_EXAMPLE), "uniform random sample of 20 firing positions per feature "
           "(rank = order by act): examples from every activation quantile"),
-    Table("random_contexts", _c("""
+    Table("random_contexts", _c(_SAE + """
 seq INTEGER: corpus sequence
 pos INTEGER: position
 context VARCHAR: window text, the position's token in [[ ]]
 tokens VARCHAR[]: window tokens
 active INTEGER[]: features firing there
 """), "256 random positions, the non-activating contexts of label scoring"),
-    Table("activation_histogram", _c("""
+    Table("activation_histogram", _c(_SAE + """
 feature INTEGER: SAE feature index
 bin INTEGER: bin index
 lo DOUBLE: bin's lower edge
@@ -209,6 +242,7 @@ count BIGINT: positive activations in the bin
 )
 
 LABELS = Table("labels", _c("""
+sae VARCHAR: the SAE of the family, cluster or feature
 kind VARCHAR: family, cluster or feature
 target VARCHAR: family name, cluster id or feature id
 feature INTEGER: the feature, for kind = feature

@@ -91,7 +91,7 @@ class HeadAttribution(Heuristic):
     @classmethod
     def html_part(cls, section) -> dict:
         return {"features": section.per_feature(
-            "SELECT feature, round(attribution, 3) AS a FROM head_attribution WHERE scan_id = ? ORDER BY feature, head",
+            "SELECT feature, round(attribution, 3) AS a FROM head_attribution WHERE scan_id = ? AND sae = ? ORDER BY feature, head",
             lambda r, card: card.setdefault("att", []).append(r["a"]))}
 
 
@@ -136,10 +136,10 @@ class FeatureLogits(Heuristic):
         rows = section.query("""
             SELECT f.family, f.feature, f.confidence, l.token_str, ft.density
             FROM families f
-            LEFT JOIN feature_logits l ON l.scan_id = f.scan_id AND l.feature = f.feature
+            LEFT JOIN feature_logits l ON l.scan_id = f.scan_id AND l.sae = f.sae AND l.feature = f.feature
                  AND l.direction = 'boost' AND l.rank = 0
-            JOIN features ft ON ft.scan_id = f.scan_id AND ft.feature = f.feature
-            WHERE f.scan_id = ? ORDER BY f.family, f.confidence DESC, f.feature LIMIT 10""")
+            JOIN features ft ON ft.scan_id = f.scan_id AND ft.sae = f.sae AND ft.feature = f.feature
+            WHERE f.scan_id = ? AND f.sae = ? ORDER BY f.family, f.confidence DESC, f.feature LIMIT 10""")
         if rows:
             section.table("Top family members (first 10)", ("family", "feature", "confidence", "top boosted token",
                                                            "density"),
@@ -151,5 +151,5 @@ class FeatureLogits(Heuristic):
         def add(r, card):
             card.setdefault("logits", {"boost": [], "suppress": []})[r["direction"]].append([r["token_str"], r["l"]])
         return {"features": section.per_feature(
-            "SELECT feature, direction, token_str, round(logit, 3) AS l FROM feature_logits WHERE scan_id = ? "
+            "SELECT feature, direction, token_str, round(logit, 3) AS l FROM feature_logits WHERE scan_id = ? AND sae = ? "
             "AND rank < 5 ORDER BY feature, direction, rank", add)}

@@ -107,9 +107,9 @@ class HeadLoadingClusters(Heuristic):
               "the k sweep that chose k"),
     )
     views = (View("cluster_family_crosstab", """
-SELECT c.scan_id, c.cluster, coalesce(f.family, '(none)') AS family, count(*) AS features
-FROM clusters c LEFT JOIN families f ON f.scan_id = c.scan_id AND f.feature = c.feature
-GROUP BY ALL""", "clusters x families over every scan: scan_id, cluster, family ((none) = no family), features",
+SELECT c.scan_id, c.sae, c.cluster, coalesce(f.family, '(none)') AS family, count(*) AS features
+FROM clusters c LEFT JOIN families f ON f.scan_id = c.scan_id AND f.sae = c.sae AND f.feature = c.feature
+GROUP BY ALL""", "clusters x families over every scan: scan_id, sae, cluster, family ((none) = no family), features",
                   ("clusters", "families")),)
     description = "k-means on head loadings of live features, k chosen by silhouette; size power law"
     Options = ClusterOptions
@@ -122,21 +122,28 @@ GROUP BY ALL""", "clusters x families over every scan: scan_id, cluster, family 
         if o.use_dfa:
             X = torch.cat([X, ctx.output(DFAHeadShares).share[live]], 1)
         X = X.double().numpy()
-        rows, labels, km = sweep_kmeans(X, o.k_min, o.k_max, ctx.config.seed, o.silhouette_sample)
-        dist = np.linalg.norm(X - km.cluster_centers_[labels], axis=1)
-        sizes = np.bincount(labels, minlength=km.n_clusters)
+        distinct, inverse = np.unique(np.round(X, 6), axis=0, return_inverse=True)
+        if distinct.shape[0] < 3:  # nothing for k-means to choose: each distinct loading is a cluster
+            rows, labels, centers = [], inverse.reshape(-1).astype(np.int64), distinct
+        else:
+            rows, labels, km = sweep_kmeans(X, o.k_min, o.k_max, ctx.config.seed, o.silhouette_sample)
+            centers = km.cluster_centers_
+        k = centers.shape[0]
+        dist = np.linalg.norm(X - centers[labels], axis=1)
+        sizes = np.bincount(labels, minlength=k)
         H = att.shape[1]
-        cent = km.cluster_centers_[:, :H]
+        cent = centers[:, :H]
         alpha, r2 = power_law_fit(sizes)
         return Result(
             tables={"clusters": pl.DataFrame({"feature": live.numpy().astype(np.int32),
                                               "cluster": labels.astype(np.int32), "distance": dist}),
-                    "cluster_sweep": pl.DataFrame(rows),
-                    "cluster_sizes": pl.DataFrame({"cluster": np.arange(km.n_clusters, dtype=np.int32),
+                    "cluster_sweep": pl.DataFrame(rows, schema={"k": pl.Int32, "silhouette": pl.Float64,
+                                                                "inertia": pl.Float64}),
+                    "cluster_sizes": pl.DataFrame({"cluster": np.arange(k, dtype=np.int32),
                                                    "size": sizes.astype(np.int64),
                                                    "top_head": [f"{ctx.layer}.{h}" for h in cent.argmax(1)],
                                                    "top_head_loading": cent.max(1)})},
-            output=HeadLoadingClusterSet(live, labels, int(km.n_clusters),
+            output=HeadLoadingClusterSet(live, labels, int(k),
                                          max((r["silhouette"] for r in rows if r["silhouette"] == r["silhouette"]),
                                              default=None), alpha, r2, int(sizes.max())))
 
@@ -146,9 +153,9 @@ GROUP BY ALL""", "clusters x families over every scan: scan_id, cluster, family 
             SELECT c.cluster, count(*) AS size, any_value(z.top_head), any_value(z.top_head_loading),
                    count(*) FILTER (WHERE p.family IS NOT NULL) AS explained, mode(p.family) AS top_family
             FROM clusters c
-            JOIN cluster_sizes z ON z.scan_id = c.scan_id AND z.cluster = c.cluster
-            LEFT JOIN families p ON p.scan_id = c.scan_id AND p.feature = c.feature AND p.is_primary
-            WHERE c.scan_id = ? GROUP BY c.cluster ORDER BY size DESC""")
+            JOIN cluster_sizes z ON z.scan_id = c.scan_id AND z.sae = c.sae AND z.cluster = c.cluster
+            LEFT JOIN families p ON p.scan_id = c.scan_id AND p.sae = c.sae AND p.feature = c.feature AND p.is_primary
+            WHERE c.scan_id = ? AND c.sae = ? GROUP BY c.cluster ORDER BY size DESC""")
         if not rows:
             return
         sm = section.summary
@@ -162,7 +169,7 @@ GROUP BY ALL""", "clusters x families over every scan: scan_id, cluster, family 
 
     @classmethod
     def html_part(cls, section) -> dict:
-        return {"features": section.per_feature("SELECT feature, cluster FROM clusters WHERE scan_id = ?",
+        return {"features": section.per_feature("SELECT feature, cluster FROM clusters WHERE scan_id = ? AND sae = ?",
                                                 lambda r, card: card.__setitem__("cluster", r["cluster"])),
                 "clusters": section.rows("SELECT cluster, size, top_head, round(top_head_loading, 3) AS loading "
-                                         "FROM cluster_sizes WHERE scan_id = ? ORDER BY size DESC")}
+                                         "FROM cluster_sizes WHERE scan_id = ? AND sae = ? ORDER BY size DESC")}

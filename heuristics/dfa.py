@@ -112,7 +112,7 @@ class DFAHead(Heuristic):
     @classmethod
     def html_part(cls, section) -> dict:
         return {"features": section.per_feature(
-            "SELECT feature, round(share, 3) AS s FROM dfa_head WHERE scan_id = ? ORDER BY feature, head",
+            "SELECT feature, round(share, 3) AS s FROM dfa_head WHERE scan_id = ? AND sae = ? ORDER BY feature, head",
             lambda r, card: card.setdefault("dfa", []).append(r["s"]))}
 
 
@@ -203,6 +203,6 @@ class DFASource(Heuristic):
     @classmethod
     def html_part(cls, section) -> dict:
         return {"features": section.per_feature(
-            "SELECT feature, token_str, distance, round(share, 3) AS s FROM dfa_source WHERE scan_id = ? "
+            "SELECT feature, token_str, distance, round(share, 3) AS s FROM dfa_source WHERE scan_id = ? AND sae = ? "
             "AND example_rank = 0 ORDER BY feature, source_rank",
             lambda r, card: card.setdefault("sources", []).append([r["token_str"], r["distance"], r["s"]]))}

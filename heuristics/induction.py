@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from famfind.activations import EMPTY, best_rows, encode_hook
-from famfind.families import FamilyOutcome, attribution_groups, family_result
+from famfind.families import FamilyOutcome, attribution_groups, family_result, head_names, mean_ablation
 from famfind.heuristics.attribution import HeadAttributionMatrix, TopBoostedTokens
 from famfind.heuristics.head_roles import HeadRoleScores
 from famfind.plugins import Detection, Heuristic, Options, Output, Result, Validation
@@ -171,20 +171,20 @@ class InductionSelection(Heuristic):
 
     def run(self, ctx) -> Result:
         o = self.options
-        roles = ctx.output(HeadRoleScores)
+        heads = ctx.output(HeadRoleScores).induction_heads_in(ctx.layer)
         att = ctx.output(HeadAttributionMatrix).attribution  # [d_sae, n_heads]
         beh = ctx.output(InductionBehaviourRates)
-        g = attribution_groups(att, roles.induction_heads, ~ctx.stats.dead, o.selection_threshold,
+        g = attribution_groups(att, heads, ~ctx.stats.dead, o.selection_threshold,
                                o.control_max_attribution, o.control_size, ctx.generator)
         return family_result(InductionFamily, "induction", g, g.role_attribution, beh.passed,
                              {"pass_rate": beh.pass_rate, "n_sequences": beh.n_sequences},
-                             roles.induction_head_names, confidence=beh.pass_rate)
+                             head_names(ctx.layer, heads), confidence=beh.pass_rate)
 
     @classmethod
     def render_terminal(cls, section) -> None:
         s = section.summary
         v = section.query("SELECT selected, passed, control, control_passed, ablation_tested, ablation_off "
-                          "FROM validation WHERE scan_id = ? AND family = 'induction'")
+                          "FROM validation WHERE scan_id = ? AND sae = ? AND family = 'induction'")
         if v:
             fmt = lambda x: "-" if x is None else str(x)  # noqa: E731
             p = PAPER_INDUCTION
@@ -196,7 +196,7 @@ class InductionSelection(Heuristic):
                                                            "ablation_tested", "ablation_off")))])
         heads = s.get("role_heads", s.get("induction_heads"))
         section.line("induction heads used for selection: " + (", ".join(heads) if heads else
-                     "none reached head_roles.induction_head_threshold, so no feature can be selected"))
+                     "none in this layer reached head_roles.induction_head_threshold, so no feature can be selected"))
 
 
 @dataclass(frozen=True)
@@ -218,38 +218,17 @@ class InductionAblationCounts(Output):
 
 class InductionAblation(Heuristic):
     id = "induction_ablation"
-    version = "0.1"
+    version = "0.2"
     needs = "activations"  # mean-ablation uses the pass's mean hook_z
     produces = InductionAblationCounts
-    requires = (HeadRoleScores, InductionFamily)
+    requires = (InductionFamily,)
     description = "Mean-ablate the induction head(s); which family features turn off"
     Options = AblationOptions
 
     def run(self, ctx) -> Result:
         o = self.options
-        roles = ctx.output(HeadRoleScores)
-        heads = roles.induction_heads
-        feats = torch.nonzero(ctx.output(InductionFamily).members).flatten()
-        if not heads or feats.numel() == 0:
-            return Result(output=InductionAblationCounts(0, 0, roles.induction_head_names),
-                          validation=[Validation("induction", ablation_tested=0, ablation_off=0)])
-        n = min(o.n_sequences, ctx.corpus.tokens.shape[0])
-        idx = torch.randperm(ctx.corpus.tokens.shape[0], generator=ctx.generator)[:n]
-        ablate = {(ctx.layer, h): ctx.stats.mean_z[h].to(ctx.config.device) for h in heads}
-        clean = torch.zeros(feats.numel(), dtype=torch.long)
-        abl = torch.zeros(feats.numel(), dtype=torch.long)
-        bs = ctx.config.batch_size
-        fd = feats.to(ctx.config.device)
-        for s in range(0, n, bs):
-            toks = ctx.corpus.tokens[idx[s:s + bs]].to(ctx.config.device)
-            clean += (encode_hook(ctx.model, ctx.sae, toks)[1][..., fd] > 0).sum((0, 1)).cpu()
-            abl += (encode_hook(ctx.model, ctx.sae, toks, ablate=ablate)[1][..., fd] > 0).sum((0, 1)).cpu()
-        tested = clean >= o.min_fires
-        off = tested & (abl <= o.off_fraction * clean)
-        dets = [Detection(int(f), float(1 - abl[i] / max(int(clean[i]), 1)), bool(off[i]),
-                          {"clean_fires": int(clean[i]), "ablated_fires": int(abl[i]),
-                           "heads": roles.induction_head_names})
-                for i, f in enumerate(feats.tolist()) if tested[i]]
-        val = Validation("induction", ablation_tested=int(tested.sum()), ablation_off=int(off.sum()))
-        return Result(output=InductionAblationCounts(int(tested.sum()), int(off.sum()), roles.induction_head_names),
-                      detections=dets, validation=[val])
+        fam = ctx.output(InductionFamily)
+        tested, off, dets = mean_ablation(ctx, fam, o.n_sequences, o.off_fraction, o.min_fires)
+        val = Validation("induction", ablation_tested=tested, ablation_off=off)
+        return Result(output=InductionAblationCounts(tested, off, fam.role_heads), detections=dets,
+                      validation=[val] if fam.role_heads else [])

@@ -124,6 +124,12 @@ class LongPrefixFeatures(Heuristic):
         ctl = random_control(ind.control, self.options.control_size, ctx.generator)
         g = Groups(ind.selected, ctl, torch.zeros(ind.selected.shape[0]))
         F = top.shape[0]
+        if not ind.role_heads:  # no induction head in this SAE's layer: nothing to test
+            res = family_result(LongPrefixFamily, "long_prefix_induction", g, torch.zeros(F),
+                                torch.zeros(F, dtype=torch.bool), role_heads=[])
+            res.tables["feature_prefix_curve"] = pl.DataFrame(schema={"feature": pl.Int32, "prefix_len": pl.Int32,
+                                                                      "fire_rate": pl.Float64})
+            return res
         feats = torch.nonzero(g.selected | g.control).flatten()
         rate = torch.zeros(o.max_prefix, F)
         Bs = top[feats].unique()

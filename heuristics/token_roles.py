@@ -14,7 +14,9 @@ corpus's unigram distribution (``X`` removed) with ``X`` planted:
 - duplicate-token: ``X`` at two positions; the feature must not fire at the first and must
   fire at the second.
 
-Pass rate = passing prompts / ``n_prompts``; > 0.6 passes.
+Pass rate = passing prompts / ``n_prompts``; > 0.6 passes. ``previous_token_ablation``
+then mean-ablates the previous-token heads, as the paper does for induction heads
+(:func:`famfind.families.mean_ablation`).
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from dataclasses import dataclass
 import torch
 
 from famfind.families import (FamilyOutcome, attribution_groups, encode_all, family_result, head_names,
-                               mode_per_feature, role_heads)
+                               mean_ablation, mode_per_feature, role_heads)
 from famfind.heuristics.attribution import HeadAttributionMatrix
 from famfind.heuristics.head_roles import HeadRoleScores
-from famfind.plugins import Heuristic, Options, Result
+from famfind.heuristics.induction import AblationOptions
+from famfind.plugins import Heuristic, Options, Output, Result, Validation
 
 
 @dataclass(frozen=True)
@@ -147,3 +150,31 @@ class DuplicateTokenFeatures(_TokenRoleFeatures):
     def _passes(self, fired, where):
         i = torch.arange(fired.shape[0])
         return ~fired[i, where[:, 0]] & fired[i, where[:, 1]]  # [n, nf]
+
+
+@dataclass(frozen=True)
+class PreviousTokenAblationCounts(Output):
+    """Previous-token family features with at least ``min_fires`` clean firings (``tested``)
+    and of those turned off by mean-ablating the previous-token heads (``turned_off``)."""
+
+    tested: int
+    turned_off: int
+    heads: list[str]
+
+
+class PreviousTokenAblation(Heuristic):
+    id = "previous_token_ablation"
+    version = "0.1"
+    needs = "activations"  # mean-ablation uses the pass's mean hook_z
+    produces = PreviousTokenAblationCounts
+    requires = (PreviousTokenFamily,)
+    description = "Mean-ablate the previous-token head(s); which family features turn off"
+    Options = AblationOptions
+
+    def run(self, ctx) -> Result:
+        o = self.options
+        fam = ctx.output(PreviousTokenFamily)
+        tested, off, dets = mean_ablation(ctx, fam, o.n_sequences, o.off_fraction, o.min_fires)
+        val = Validation("previous_token", ablation_tested=tested, ablation_off=off)
+        return Result(output=PreviousTokenAblationCounts(tested, off, fam.role_heads), detections=dets,
+                      validation=[val] if fam.role_heads else [])

@@ -23,7 +23,9 @@ class Section:
     """One detector's view of a stored scan, for its report section.
 
     ``summary``: its typed output's stored serialisation (``detector_runs.summary``);
-    ``query(sql)`` / ``rows(sql)``: SQL whose one ``?`` is the scan id (tuples / dicts);
+    ``sae``: the SAE this section is about (``None`` for a ``scope="model"`` detector);
+    ``query(sql)`` / ``rows(sql)``: SQL whose ``?`` placeholders are, in turn, the scan id and
+    the SAE name (``WHERE scan_id = ? AND sae = ?``; one ``?`` is the scan id alone), as tuples / dicts;
     ``table``/``line``: print to the terminal (stored text is printed literally, never as markup);
     ``per_feature(sql, add)``: ``{feature: card}`` built by ``add(row, card)`` for the HTML cards.
     """
@@ -33,12 +35,17 @@ class Section:
     detector: str
     summary: dict
     console: Console | None = None
+    sae: str | None = None
+
+    def _params(self, sql: str) -> list:
+        n = sql.count("?")
+        return ([self.scan_id, self.sae] * n)[:n]
 
     def query(self, sql: str) -> list[tuple]:
-        return self.con.execute(sql, [self.scan_id]).fetchall()
+        return self.con.execute(sql, self._params(sql)).fetchall()
 
     def rows(self, sql: str) -> list[dict]:
-        cur = self.con.execute(sql, [self.scan_id])
+        cur = self.con.execute(sql, self._params(sql))
         cols = [d[0] for d in cur.description]
         return [dict(zip(cols, r)) for r in cur.fetchall()]
 
@@ -60,13 +67,23 @@ class Section:
         self.console.print(Text(text))
 
 
-def sections(con, scan_id: int, console: Console | None = None):
-    """``(detector class or None, Section)`` for each detector that ran ok in the scan, in run
-    order; the class is ``None`` when the detector is not installed here any more."""
+def sections(con, scan_id: int, console: Console | None = None, sae: str | None = None):
+    """``(detector class or None, Section)`` for each detector that ran ok in the scan on SAE
+    ``sae`` (``None``: the ``scope="model"`` detectors), in run order; the class is ``None``
+    when the detector is not installed here any more."""
     from famfind.plugins import default_registry
 
     reg = default_registry()
-    for det, summ in con.execute("SELECT detector, summary FROM detector_runs WHERE scan_id = ? AND status = 'ok'",
-                                 [scan_id]).fetchall():
+    rows = con.execute("SELECT detector, summary FROM detector_runs WHERE scan_id = ? AND status = 'ok' AND "
+                       + ("sae IS NULL" if sae is None else "sae = ?"),
+                       [scan_id] if sae is None else [scan_id, sae]).fetchall()
+    for det, summ in rows:
         cls = reg.get(det).cls if det in reg else None
-        yield cls, Section(con, scan_id, det, json.loads(summ) if summ else {}, console)
+        yield cls, Section(con, scan_id, det, json.loads(summ) if summ else {}, console, sae)
+
+
+def scan_saes(con, scan_id: int) -> list[dict]:
+    """The scan's SAEs (rows of ``saes``), in layer order."""
+    cur = con.execute("SELECT * EXCLUDE (scan_id) FROM saes WHERE scan_id = ? ORDER BY layer, sae", [scan_id])
+    cols = [d[0] for d in cur.description]
+    return [dict(zip(cols, r)) for r in cur.fetchall()]

@@ -1,4 +1,5 @@
-"""The HTML report of one scan: a single self-contained file (no CDN, works offline).
+"""The HTML report of one scan: one self-contained page per SAE (no CDN, works offline),
+each linking the scan's other SAEs' pages.
 
 Everything is read back from the DuckDB file and embedded as one JSON blob; the page's own
 JavaScript (``reports/templates/report.js``) draws the head x feature head-attribution
@@ -19,7 +20,7 @@ import json
 from pathlib import Path
 
 from famfind.db import table_exists
-from famfind.reports import sections
+from famfind.reports import scan_saes, sections
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -30,43 +31,53 @@ def _rows(con, sql: str, *args) -> list[dict]:
     return [dict(zip(cols, r)) for r in cur.fetchall()]
 
 
-def report_data(con, scan_id: int, max_features: int | None = None) -> dict:
-    """The report's JSON: scan, validation, heads, labels, one entry per live feature (card),
-    and what each detector that ran adds (its ``html_part``: card fields and top-level keys)."""
+def report_data(con, scan_id: int, max_features: int | None = None, sae: str | None = None) -> dict:
+    """The report's JSON for SAE ``sae`` of the scan (default: its first): scan (with that
+    SAE's hook, d_sae, L0, dead fraction), validation (every SAE's), heads, labels, one entry
+    per live feature of the SAE (card), and what each detector that ran on it adds (its
+    ``html_part``: card fields and top-level keys). Raises ``KeyError`` for an unknown SAE."""
     scan = _rows(con, "SELECT * EXCLUDE (config) FROM scans WHERE scan_id = ?", scan_id)[0]
     scan = {k: (str(v) if k == "created_at" else v) for k, v in scan.items()}
+    saes = scan_saes(con, scan_id)
+    unit = saes[0] if sae is None else next((u for u in saes if u["sae"] == sae), None)
+    if unit is None:
+        raise KeyError(f"scan {scan_id} has no SAE {sae!r}; it has {[u['sae'] for u in saes]}")
+    sae = unit["sae"]
+    scan.update({"sae": sae, "sae_path": unit["path"], "hook_name": unit["hook_name"], "layer": unit["layer"],
+                 "architecture": unit["architecture"], "d_sae": unit["d_sae"], "l0": unit["l0"],
+                 "dead_fraction": unit["dead_fraction"]})
     feats = {r["feature"]: {**r, **_card_defaults()}
              for r in _rows(con, "SELECT feature, density, max_act, mean_act FROM features "
-                                 "WHERE scan_id = ? AND NOT dead ORDER BY feature", scan_id)}
+                                 "WHERE scan_id = ? AND sae = ? AND NOT dead ORDER BY feature", scan_id, sae)}
     if max_features is not None:
         feats = dict(list(feats.items())[:max_features])
 
     def each(sql, fn):
-        for r in _rows(con, sql, scan_id):
+        for r in _rows(con, sql, scan_id, sae):
             f = feats.get(r["feature"])
             if f is not None:
                 fn(f, r)
 
-    each("SELECT feature, family, round(confidence, 3) AS c, is_primary FROM families WHERE scan_id = ?",
+    each("SELECT feature, family, round(confidence, 3) AS c, is_primary FROM families WHERE scan_id = ? AND sae = ?",
          lambda f, r: f["families"].append([r["family"], r["c"], bool(r["is_primary"])]))
 
     def ex(r):
         if r["tokens"] is None:
             return [r["a"], r["context"], None, None]
         return [r["a"], None, r["tokens"], [round(x, 3) if x else 0 for x in r["acts"]]]
-    each("SELECT feature, round(act, 3) AS a, context, tokens, acts FROM examples WHERE scan_id = ? "
+    each("SELECT feature, round(act, 3) AS a, context, tokens, acts FROM examples WHERE scan_id = ? AND sae = ? "
          "ORDER BY feature, rank", lambda f, r: f["examples"].append(ex(r)))
     # 3 examples from the sample: near its quartiles
     each("SELECT feature, round(act, 3) AS a, context, tokens, acts "
-         "FROM (SELECT *, count(*) OVER (PARTITION BY feature) AS n FROM activation_samples WHERE scan_id = ?) "
+         "FROM (SELECT *, count(*) OVER (PARTITION BY feature) AS n FROM activation_samples WHERE scan_id = ? AND sae = ?) "
          "WHERE rank IN (n // 4, n // 2, (3 * n) // 4) ORDER BY feature, rank",
          lambda f, r: f["quantiles"].append(ex(r)))
-    each("SELECT feature, bin, count FROM activation_histogram WHERE scan_id = ? ORDER BY feature, bin",
+    each("SELECT feature, bin, count FROM activation_histogram WHERE scan_id = ? AND sae = ? ORDER BY feature, bin",
          lambda f, r: f["hist"].append([r["bin"], r["count"]]))
     bins = [list(r) for r in con.execute("SELECT DISTINCT bin, lo, hi FROM activation_histogram WHERE scan_id = ? "
-                                         "ORDER BY bin", [scan_id]).fetchall()]  # [bin, lo, hi] as stored
+                                         "AND sae = ? ORDER BY bin", [scan_id, sae]).fetchall()]  # [bin, lo, hi]
     top: dict = {"clusters": []}
-    for cls, sec in sections(con, scan_id):
+    for cls, sec in [*sections(con, scan_id), *sections(con, scan_id, sae=sae)]:
         if cls is None:
             continue
         part = dict(cls.html_part(sec))
@@ -77,22 +88,25 @@ def report_data(con, scan_id: int, max_features: int | None = None) -> dict:
     labels = []
     if table_exists(con, "labels"):
         each("SELECT feature, label, description, round(score, 3) AS score FROM labels WHERE scan_id = ? "
-             "AND feature IS NOT NULL AND status = 'ok'",
+             "AND sae = ? AND feature IS NOT NULL AND status = 'ok'",
              lambda f, r: f.__setitem__("label", [r["label"], r["description"], r["score"]]))
         labels = _rows(con, "SELECT kind, target, label, description, round(score, 3) AS score, status, llm_model "
-                            "FROM labels WHERE scan_id = ? ORDER BY kind = 'feature', kind, target", scan_id)
+                            "FROM labels WHERE scan_id = ? AND sae = ? ORDER BY kind = 'feature', kind, target",
+                        scan_id, sae)
         cl = {r["target"]: r["label"] for r in labels if r["kind"] == "cluster" and r["label"]}
         for f in feats.values():
             if str(f.get("cluster")) in cl:
                 f["cluster_label"] = cl[str(f["cluster"])]
-    heads = _rows(con, "SELECT layer, head, metric, round(score, 3) AS score FROM heads WHERE scan_id = ? "
-                       "ORDER BY layer, head, metric", scan_id)
+    heads = _rows(con, "SELECT layer, head, metric, round(any_value(score), 3) AS score FROM heads WHERE scan_id = ? "
+                       "GROUP BY ALL ORDER BY layer, head, metric", scan_id)
     return {
         "scan": scan,
-        "validation": _rows(con, "SELECT * EXCLUDE (scan_id) FROM validation WHERE scan_id = ? ORDER BY family", scan_id),
+        "validation": _rows(con, "SELECT * EXCLUDE (scan_id) FROM validation WHERE scan_id = ? "
+                                 "ORDER BY layer, sae, family", scan_id),
+        "saes": [u["sae"] for u in saes],
         "heads": heads,
         "n_heads": max((len(f["att"]) for f in feats.values()), default=0),
-        "layer": scan["layer"],
+        "layer": unit["layer"],
         **top,
         "hist_bins": [[b, round(lo, 6), None if hi == float("inf") else round(hi, 6)] for b, lo, hi in bins],
         "labels": labels,
@@ -106,14 +120,28 @@ def _card_defaults() -> dict:
             "examples": [], "quantiles": [], "hist": []}
 
 
-def render_html(con, scan_id: int, out: str | Path, max_features: int | None = None) -> Path:
-    """Write the report of ``scan_id`` to ``out`` (one file); returns its path."""
-    data = json.dumps(report_data(con, scan_id, max_features), separators=(",", ":"), default=str)
-    data = data.replace("</", "<\\/")  # never close the <script> early
-    page = (TEMPLATES / "report.html").read_text()
-    page = page.replace("/*__CSS__*/", (TEMPLATES / "report.css").read_text())
-    page = page.replace("/*__JS__*/", (TEMPLATES / "report.js").read_text())
-    page = page.replace("/*__DATA__*/null", data)
+def page_paths(out: str | Path, saes: list[str]) -> dict[str, Path]:
+    """Where each SAE's page goes: ``out`` for the first, ``<stem>.<sae><suffix>`` beside it
+    for the others (a one-SAE scan: ``out`` alone)."""
     p = Path(out)
-    p.write_text(page, encoding="utf-8")
-    return p
+    return {s: p if i == 0 else p.with_name(f"{p.stem}.{s.replace('/', '_')}{p.suffix}") for i, s in enumerate(saes)}
+
+
+def render_html(con, scan_id: int, out: str | Path, max_features: int | None = None,
+                sae: str | None = None) -> list[Path]:
+    """Write the report of ``scan_id``: one self-contained page per SAE (:func:`page_paths`;
+    ``sae``: that SAE's page only, at ``out``), each linking the others. Returns the paths."""
+    saes = [u["sae"] for u in scan_saes(con, scan_id)]
+    pages = {sae: Path(out)} if sae is not None else page_paths(out, saes)
+    links = page_paths(out, saes) if sae is None else {}
+    layers = {u["sae"]: u["layer"] for u in scan_saes(con, scan_id)}
+    page_t = (TEMPLATES / "report.html").read_text()
+    page_t = page_t.replace("/*__CSS__*/", (TEMPLATES / "report.css").read_text())
+    page_t = page_t.replace("/*__JS__*/", (TEMPLATES / "report.js").read_text())
+    for name, path in pages.items():
+        d = report_data(con, scan_id, max_features, name)
+        d["pages"] = [[s, q.name, layers[s]] for s, q in links.items()]
+        data = json.dumps(d, separators=(",", ":"), default=str)
+        data = data.replace("</", "<\\/")  # never close the <script> early
+        path.write_text(page_t.replace("/*__DATA__*/null", data), encoding="utf-8")
+    return list(pages.values())

@@ -33,11 +33,11 @@ def planted_scan(planted_paths, tmp_path_factory):
 def default_scan(tmp_path_factory):
     """(db path, scan_id) of one scan of the embedded default on its first 100k eval tokens
     (shared by the HTML and labelling tests; copy the file before writing to it)."""
-    from famfind.corpus import default_dir
+    from famfind.corpus import default_dir, default_sae
     from famfind.db import write_scan
     from famfind.scan import ScanConfig, run_scan
 
-    if not (default_dir() / "sae" / "cfg.json").exists():
+    if not (default_sae(1) / "cfg.json").exists():
         pytest.skip("embedded default artefacts are not built")
     db = tmp_path_factory.mktemp("default_scan") / "default.duckdb"
     return db, write_scan(db, run_scan(ScanConfig(max_tokens=100_000)))

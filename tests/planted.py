@@ -40,8 +40,10 @@ def _head_cols(h: int) -> slice:
     return slice(h * DH, (h + 1) * DH)
 
 
-def build_model(out: Path) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` of the planted model to ``out``."""
+def build_model(out: Path, rdfa_head: bool = False) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` of the planted model to ``out``.
+    ``rdfa_head``: head 1.3 attends to itself and reads the previous-token dims head 0.0
+    wrote, so ``z[1.3] ~ e_{previous token}`` comes from layer 0's attention (for RDFA)."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
@@ -74,6 +76,10 @@ def build_model(out: Path) -> Path:
                 b[q(h)][0] = 10.0 * 8 / (n * SCALE)  # rest on BOS with logit ~10 when nothing matches
                 Vh[TOK + 1:TOK + V, 1:V] = torch.eye(V - 1) / n
                 Wo[_head_cols(h), TOK:TOK + V] = torch.eye(V)  # W_O W_U boosts the copied token
+            if lyr == 1 and h == 3 and rdfa_head:  # attend to self, read what head 0.0 wrote
+                Qh[POS:POS + CTX, :] = torch.eye(CTX) * SCALE * 2
+                Kh[POS:POS + CTX, :] = torch.eye(CTX) * SCALE * 2
+                Vh[PREV:PREV + V, :] = torch.eye(V) / n
             if lyr == 1 and h == 1:  # attend to self
                 Qh[POS:POS + CTX, :] = torch.eye(CTX) * SCALE * 2
                 Kh[POS:POS + CTX, :] = torch.eye(CTX) * SCALE * 2
@@ -124,6 +130,58 @@ def build_sae(out: Path, model_dir: str = "../model") -> Path:
     return out
 
 
+PREV_FEATURES = list(range(0, 20))  # layer-0 SAE: feature f fires right after token f + 1 (head 0.0)
+EVERYWHERE = list(range(20, 30))  # layer-0 SAE: fire at every position, decoder on head 0.2
+DEAD0 = list(range(30, 32))
+
+
+def build_sae_layer0(out: Path, model_dir: str = "../model") -> Path:
+    """A planted SAE on ``blocks.0.attn.hook_z``: ``PREV_FEATURES`` read and write head 0.0's
+    previous-token value (a previous-token family by construction: selected on 0.0, fire right
+    after their token, turned off by mean-ablating 0.0); ``EVERYWHERE`` fire at every position
+    with their decoder on head 0.2 (control group, fail the behaviour test); ``DEAD0`` never fire."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from famfind.build.train_sae import save_saelens
+    from famfind.sae import SAE
+
+    F = 32
+    W_enc, W_dec, b_enc = torch.zeros(D, F), torch.zeros(F, D), torch.full((F,), -0.35)
+    for i, f in enumerate(PREV_FEATURES):
+        t = i + 1
+        W_enc[0 * DH + t, f] = 1.0
+        W_dec[f, 0 * DH + t] = 1.0
+    for i, f in enumerate(EVERYWHERE):
+        b_enc[f] = 0.5 + 0.01 * i
+        W_dec[f, 2 * DH + i] = 1.0
+    for f in DEAD0:
+        W_dec[f, 3 * DH + f] = 1.0
+        b_enc[f] = -100.0
+    sae = SAE(W_enc, W_dec, b_enc, torch.zeros(D), hook_name="blocks.0.attn.hook_z", model_name=model_dir)
+    save_saelens(sae, out)
+    return out
+
+
+def build_sae_rdfa(out: Path, model_dir: str = "../model", n: int = 8) -> Path:
+    """A layer-1 SAE for the ``rdfa_head`` model: feature i reads and writes head 1.3's dim
+    ``i + 1`` (fires when the previous token is ``i + 1``); its upstream cause is the layer-0
+    SAE's ``PREV_FEATURES[i]``."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from famfind.build.train_sae import save_saelens
+    from famfind.sae import SAE
+
+    W_enc, W_dec, b_enc = torch.zeros(D, n), torch.zeros(n, D), torch.full((n,), -0.35)
+    for i in range(n):
+        W_enc[3 * DH + i + 1, i] = 1.0
+        W_dec[i, 3 * DH + i + 1] = 1.0
+    sae = SAE(W_enc, W_dec, b_enc, torch.zeros(D), hook_name="blocks.1.attn.hook_z", model_name=model_dir)
+    save_saelens(sae, out)
+    return out
+
+
 def build_corpus(out: Path, n_seq: int = 400, seed: int = 0) -> Path:
     """Random-token sequences (BOS = 0 first) with repeated spans, ``uint16 [n_seq * CTX]``."""
     rng = np.random.default_rng(seed)
@@ -142,4 +200,4 @@ def build_corpus(out: Path, n_seq: int = 400, seed: int = 0) -> Path:
 def build_all(root: Path) -> dict[str, Path]:
     """Model, SAE and corpus under ``root``; returns their paths."""
     return {"model": build_model(root / "model"), "sae": build_sae(root / "sae"),
-            "corpus": build_corpus(root / "corpus.npy")}
+            "sae_l0": build_sae_layer0(root / "sae_l0"), "corpus": build_corpus(root / "corpus.npy")}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from famfind.corpus import default_dir
+from famfind.corpus import default_dir, default_sae
 from famfind.heuristics.head_roles import HeadRoleScores
 from famfind.heuristics.induction import InductionBehaviourRates, InductionFamily
 from famfind.model import HFGPT2Model
@@ -17,7 +17,7 @@ from famfind.roles import head_scores
 from famfind.sae import load_sae
 
 D = default_dir()
-pytestmark = pytest.mark.skipif(not (D / "sae" / "cfg.json").exists(),
+pytestmark = pytest.mark.skipif(not (default_sae(1) / "cfg.json").exists(),
                                 reason="embedded default artefacts are not built (famfind build-default --install)")
 
 
@@ -28,7 +28,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def sae():
-    return load_sae(D / "sae")
+    return load_sae(default_sae(1))
 
 
 def test_shapes_hook_and_offline_load(model, sae):
@@ -37,7 +37,7 @@ def test_shapes_hook_and_offline_load(model, sae):
     assert sae.hook_name == "blocks.1.attn.hook_z" and sae.layer == 1
     assert sae.d_in == c.n_heads * c.d_head and sae.d_sae >= 16 * sae.d_in
     assert sae.W_enc.shape == (sae.d_in, sae.d_sae) and sae.W_dec.shape == (sae.d_sae, sae.d_in)
-    cfg = json.loads((D / "sae" / "cfg.json").read_text())
+    cfg = json.loads((default_sae(1) / "cfg.json").read_text())
     assert cfg["reshape_activations"] == "hook_z" and cfg["metadata"]["hook_name"] == sae.hook_name
     tok = np.load(D / "eval_tokens.npy")
     assert tok.dtype == np.uint16 and tok.size >= 1_000_000 and tok.max() < c.d_vocab
@@ -51,10 +51,13 @@ def test_hf_transformers_and_saelens_read_the_same_weights(model, sae):
     x = torch.from_numpy(np.load(D / "eval_tokens.npy")[:256].astype(np.int64)).view(2, 128)
     with torch.no_grad():
         torch.testing.assert_close(model.logits(x), hf(x).logits, atol=1e-4, rtol=1e-4)
-    theirs = sae_lens.SAE.load_from_disk(str(D / "sae"))
-    assert torch.equal(theirs.W_dec, sae.W_dec) and torch.equal(theirs.b_enc, sae.b_enc)
-    z = model.run_hook_z(x, 1)
-    torch.testing.assert_close(theirs.encode(z), sae.encode(z.flatten(-2)))
+    for layer in (0, 1):  # the release folder: one SAE per hook, each read by SAELens
+        ours = load_sae(default_sae(layer))
+        theirs = sae_lens.SAE.load_from_disk(str(default_sae(layer)))
+        assert theirs.cfg.metadata.hook_name == ours.hook_name == f"blocks.{layer}.attn.hook_z"
+        assert torch.equal(theirs.W_dec, ours.W_dec) and torch.equal(theirs.b_enc, ours.b_enc)
+        z = model.run_hook_z(x, layer)
+        torch.testing.assert_close(theirs.encode(z), ours.encode(z.flatten(-2)))
 
 
 def test_induction_head_remeasured(model):
@@ -76,28 +79,31 @@ def test_scan_runs_end_to_end_and_reports_what_it_finds(tmp_path):
 
     import duckdb
 
-    res = run_scan(ScanConfig(max_tokens=200_000))
-    assert all(r.status == "ok" for r in res.runs), [(r.id, r.error) for r in res.runs]
-    assert len(res.runs) >= 19  # every built-in detector
+    res = run_scan(ScanConfig(max_tokens=200_000))  # both layers' SAEs
+    assert [u.id for u in res.saes] == ["blocks.0.attn.hook_z", "blocks.1.attn.hook_z"]
+    assert all(r.status == "ok" for r in res.runs), [(r.id, r.sae, r.error) for r in res.runs if r.status != "ok"]
+    assert len(res.sae(1).runs) >= 19  # every built-in detector, on each SAE
     assert write_scan(tmp_path / "d.duckdb", res) == 1
     con = duckdb.connect(str(tmp_path / "d.duckdb"), read_only=True)
-    fams = {r[0] for r in con.execute("SELECT family FROM validation").fetchall()}
-    assert fams == {"induction", "successor", "name_mover", "previous_token", "duplicate_token",
-                    "long_prefix_induction", "local_context", "high_level_context"}
+    fams = set(con.execute("SELECT layer, family FROM validation").fetchall())
+    # a head-role family is validated only where its layer has such a head: previous-token heads in
+    # layer 0, induction heads in layer 1; no successor, name-mover or duplicate-token head in either
+    assert fams == {(0, "previous_token"), (1, "induction"), (1, "long_prefix_induction"),
+                    (0, "local_context"), (0, "high_level_context"), (1, "local_context"), (1, "high_level_context")}
     for t in ("heads", "head_attribution", "feature_logits", "dfa_head", "dfa_source", "head_successor",
               "head_prefix_curve", "context_runs", "clusters", "cluster_sizes", "cluster_sweep", "examples"):
         assert con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] > 0, t
     con.close()
-    beh = res.output(InductionBehaviourRates)
+    beh = res.output(InductionBehaviourRates, sae=1)
     assert int((beh.n_sequences > 0).sum()) > 100  # the behaviour test reached many features
-    assert res.ctx.stats.n_tokens == 200_000 // 128 * 128
+    assert res.sae(1).ctx.stats.n_tokens == res.sae(0).ctx.stats.n_tokens == 200_000 // 128 * 128
 
 
 def test_scan_finds_the_induction_family(tmp_path):
     from famfind.db import write_scan
     from famfind.scan import ScanConfig, run_scan
 
-    res = run_scan(ScanConfig(max_tokens=300_000))
+    res = run_scan(ScanConfig(sae=str(default_sae(1)), max_tokens=300_000))
     assert write_scan(tmp_path / "d.duckdb", res) == 1
     fam = res.output(InductionFamily)
     passed = res.output(InductionBehaviourRates).passed

@@ -70,7 +70,7 @@ def test_head_roles_of_the_wired_heads(families_scan):
     assert out(SuccessorHeadSet).heads == [0]
     assert out(NameMoverHeadSet).heads == [1]
     assert out(LongPrefixHeadSet).heads == [4]
-    assert out(HeadRoleScores).induction_heads == [4, 5]
+    assert out(HeadRoleScores).induction_heads == ["2.4", "2.5"]
     curve = out(LongPrefixHeadSet).curve  # [prefix_len, n_heads]
     assert curve[0, 4] < 0.5 < curve[4:, 4].min()  # 2.4 needs a long prefix
     assert curve[0, 5] > 0.5  # 2.5 does not

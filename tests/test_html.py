@@ -21,7 +21,7 @@ def report(default_scan, tmp_path_factory):
     db, sid = default_scan
     con = connect(db, read_only=True)
     try:
-        return render_html(con, sid, d / "report.html")
+        return render_html(con, sid, d / "report.html")[0]
     finally:
         con.close()
 

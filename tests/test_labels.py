@@ -86,10 +86,12 @@ def test_every_cluster_labelled_through_faults_then_second_run_makes_no_calls(de
 def test_a_reply_slower_than_the_timeout_is_retried(default_db):
     db, _ = default_db
     with ScriptedLLM(faults=["slow"], slow_seconds=1.5) as srv:
-        r = _label(db, srv, "--features", "5", "--only-features")
+        r = _label(db, srv, "--features", "5", "--only-features")  # the default scan has two SAEs: say which
+        assert r.exit_code == 1 and "--features: the scan has several SAEs: name one as LAYER:FEATURE" in r.output
+        r = _label(db, srv, "--features", "1:5", "--only-features")
         assert r.exit_code == 0, r.output
         (row,) = _labels(db)
-        assert row["status"] == "ok" and srv.statuses["slow"] == 1
+        assert row["status"] == "ok" and srv.statuses["slow"] == 1 and row["sae"] == "blocks.1.attn.hook_z"
         con = connect(db, read_only=True)
         assert con.execute("SELECT max(retries) FROM llm_cache").fetchone()[0] == 1  # timed out at 0.5 s, retried
         con.close()
@@ -98,7 +100,7 @@ def test_a_reply_slower_than_the_timeout_is_retried(default_db):
 def test_malformed_reply_is_recorded_and_the_run_completes(default_db):
     db, _ = default_db
     with ScriptedLLM(rules={"feature 3.": ["malformed"]}) as srv:
-        r = _label(db, srv, "--features", "3,4", "--only-features")
+        r = _label(db, srv, "--features", "1:3,1:4", "--only-features")
         assert r.exit_code == 0, r.output
         rows = {x["target"]: x for x in _labels(db)}
         assert set(rows) == {"3", "4"}

@@ -17,7 +17,7 @@ def _family(result) -> set[int]:
 def test_head_roles_find_the_wired_heads(planted_scan):
     result, _, _ = planted_scan
     hr = result.output(HeadRoleScores)
-    assert hr.induction_heads == [0]  # only head 1.0 is wired for induction
+    assert hr.induction_heads == ["1.0"]  # only head 1.0 is wired for induction
     s = hr.scores
     assert s["induction"][1, 0] > 0.6 and s["induction"][1, 1:].max() < 0.1
     assert s["previous_token"][0, 0] > 0.9 and s["previous_token"][1, 2] > 0.9

@@ -35,12 +35,13 @@ def test_readme_tables_come_from_the_declarations():
 
 def test_scan_tables_match_their_declarations(planted_scan):
     """Every table a scan wrote has exactly the declared columns and types (plus scan_id)."""
+    from famfind.plugins import stored_tables
     from famfind.schema import CORE
 
     result, db, _ = planted_scan
     decl = {t.name: t for t in CORE}
     for r in result.runs:
-        for t in result.registry.get(r.id).cls.tables:
+        for t in stored_tables(result.registry.get(r.id).cls):
             decl[t.name] = t
     con = duckdb.connect(str(db), read_only=True)
     try:
@@ -55,14 +56,32 @@ def test_scan_tables_match_their_declarations(planted_scan):
         con.close()
 
 
-def _snapshot(path: Path) -> dict[str, list]:
+def _snapshot(path: Path, columns: dict[str, list[str]] | None = None) -> dict[str, list]:
+    """Every table's rows (as sorted reprs), over ``columns[table]`` when given."""
     con = duckdb.connect(str(path), read_only=True)
     try:
         names = [n for (n,) in con.execute("SELECT table_name FROM information_schema.tables "
                                            "WHERE table_type = 'BASE TABLE' ORDER BY 1").fetchall()]
-        return {n: sorted(map(repr, con.execute(f"SELECT * FROM {n}").fetchall())) for n in names}
+        out = {}
+        for n in names:
+            cols = ", ".join(f'"{c}"' for c in columns[n]) if columns and n in columns else "*"
+            out[n] = sorted(map(repr, con.execute(f"SELECT {cols} FROM {n}").fetchall()))
+        return out
     finally:
         con.close()
+
+
+def _columns(path: Path) -> dict[str, list[str]]:
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        rows = con.execute("SELECT table_name, column_name FROM information_schema.columns "
+                           "ORDER BY table_name, ordinal_position").fetchall()
+    finally:
+        con.close()
+    out: dict[str, list[str]] = {}
+    for t, c in rows:
+        out.setdefault(t, []).append(c)
+    return out
 
 
 def test_first_release_database_upgrades_and_reads_the_same(tmp_path):
@@ -70,20 +89,24 @@ def test_first_release_database_upgrades_and_reads_the_same(tmp_path):
 
     db = tmp_path / "v1.duckdb"
     db.write_bytes(gzip.decompress(FIXTURE.read_bytes()))
-    before = _snapshot(db)
+    before, cols = _snapshot(db), _columns(db)
     con = duckdb.connect(str(db), read_only=True)
     assert schema_version(con) == 1
     con.close()
     con = connect(db, read_only=True)  # upgrades through a writable connection, then reads
     try:
         assert schema_version(con) == SCHEMA_VERSION
+        hook = con.execute("SELECT hook_name FROM scans").fetchall()[0][0]
+        # v3: the one SAE of the old scan is named by its hook in every per-SAE row and in saes
+        assert con.execute("SELECT DISTINCT sae, layer FROM features").fetchall() == [(hook, 1)]
+        assert con.execute("SELECT DISTINCT sae FROM head_attribution").fetchall() == [(hook,)]
+        assert con.execute("SELECT sae, d_sae FROM saes").fetchall() == [(hook, 128)]
+        assert con.execute("SELECT count(*) FROM detector_runs WHERE sae IS DISTINCT FROM ?", [hook]).fetchall() == [(0,)]
     finally:
         con.close()
-    after = _snapshot(db)
+    after = _snapshot(db, cols)  # the old columns read the same
     assert set(before) <= set(after)
     for name, rows in before.items():
-        if name == "detector_runs":  # gains output_type (NULL for old rows)
-            rows = [r[:-1] + ", None)" for r in rows]
         assert after[name] == rows, name
     r = CliRunner().invoke(app, ["report", "--db", str(db)])
     assert r.exit_code == 0 and "Family validation" in r.stdout
@@ -104,6 +127,8 @@ def test_upgrade_then_a_new_scan_writes_into_it(planted_scan, tmp_path):
 
 
 def test_newer_database_is_refused(tmp_path):
+    from famfind.db import SCHEMA_VERSION
+
     db = tmp_path / "future.duckdb"
     con = duckdb.connect(str(db))
     con.execute("CREATE TABLE schema_version (version INTEGER, applied_at TIMESTAMP, famfind_version VARCHAR)")
@@ -112,7 +137,7 @@ def test_newer_database_is_refused(tmp_path):
     r = CliRunner().invoke(app, ["sql", "SELECT 1", "--db", str(db)])
     assert r.exit_code == 1
     assert r.stderr.strip().splitlines() == [f"famfind: error: {db}: written by a newer famfind (schema version 99; "
-                                             f"this famfind 0.1.0 reads up to 2): upgrade famfind"]
+                                             f"this famfind 0.1.0 reads up to {SCHEMA_VERSION}): upgrade famfind"]
 
 
 def test_a_new_detector_column_extends_an_older_table(tmp_path):

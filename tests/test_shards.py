@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from famfind.corpus import default_dir
+from famfind.corpus import default_dir, default_sae
 from famfind.heuristics.context import ContextRunStats
 from famfind.heuristics.dfa import DFAHeadShares
 from famfind.heuristics.induction import InductionBehaviourRates
 
-pytestmark = pytest.mark.skipif(not (default_dir() / "sae" / "cfg.json").exists(),
+pytestmark = pytest.mark.skipif(not (default_sae(1) / "cfg.json").exists(),
                                 reason="embedded default artefacts are not built")
 
 
@@ -25,8 +25,9 @@ def one_and_three():
     return [run_scan(ScanConfig(max_tokens=120_000, shards=n, detector_options=opts)) for n in (1, 3)]
 
 
-def test_three_shards_merge_to_one_pass(one_and_three):
-    a, b = (r.ctx.stats for r in one_and_three)
+@pytest.mark.parametrize("layer", [0, 1])
+def test_three_shards_merge_to_one_pass(one_and_three, layer):
+    a, b = (r.sae(layer).ctx.stats for r in one_and_three)  # each SAE of the one pass
     for name in ("fire_count", "act_max", "hist", "top_acts", "top_seq", "top_pos", "top_win",
                  "sample_acts", "sample_seq", "sample_pos", "sample_win", "random_seq", "random_pos"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
@@ -38,15 +39,18 @@ def test_three_shards_merge_to_one_pass(one_and_three):
 
 def test_three_shards_give_the_same_detector_states_and_families(one_and_three):
     one, three = one_and_three
-    for kind, fields in ((InductionBehaviourRates, ("n_sequences", "passed")),
-                         (ContextRunStats, ("runs", "mean_run_length", "delimiter_fraction", "long_fraction"))):
-        for f in fields:
-            assert torch.equal(getattr(one.output(kind), f), getattr(three.output(kind), f)), (kind, f)
-    assert one.output(DFAHeadShares).tokens == three.output(DFAHeadShares).tokens == 40_064  # 313 whole sequences
-    assert torch.allclose(one.output(DFAHeadShares).share, three.output(DFAHeadShares).share, rtol=1e-6, atol=1e-7)
+    for layer in (0, 1):
+        for kind, fields in ((InductionBehaviourRates, ("n_sequences", "passed")),
+                             (ContextRunStats, ("runs", "mean_run_length", "delimiter_fraction", "long_fraction"))):
+            for f in fields:
+                assert torch.equal(getattr(one.output(kind, layer), f), getattr(three.output(kind, layer), f)), (kind, f)
+        a, b = one.output(DFAHeadShares, layer), three.output(DFAHeadShares, layer)
+        assert a.tokens == b.tokens == 40_064  # 313 whole sequences
+        assert torch.allclose(a.share, b.share, rtol=1e-6, atol=1e-7)
 
     def rows(res, attr):
-        return sorted(repr(tuple(vars(x).values())) for r in res.results.values() for x in getattr(r, attr))
+        return sorted(repr((u.id, *vars(x).values())) for u in res.saes for r in u.results.values()
+                      for x in getattr(r, attr))
 
     assert rows(one, "families") == rows(three, "families") and rows(one, "families")
     assert rows(one, "validation") == rows(three, "validation")

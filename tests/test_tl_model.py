@@ -56,3 +56,30 @@ def test_attn_parts_and_normalized_resid_agree(pair, planted_paths):
                                    atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ours.normalized_resid(x, lyr), theirs.normalized_resid(x, lyr),
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_composition_scores_match_transformer_lens():
+    """Q/K/V-composition (Elhage et al. 2021) on the embedded default equals TransformerLens's
+    all_composition_scores on the same weights loaded with from_pretrained's processing
+    (fold_ln, center_writing_weights), and on the HookedTransformer's own weights."""
+    from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
+
+    from famfind.corpus import default_dir
+    from famfind.heuristics.composition import composition_scores
+
+    p = default_dir() / "model"
+    hf = transformers.GPT2LMHeadModel.from_pretrained(str(p)).eval()
+    c = hf.config
+    cfg = tl.HookedTransformerConfig(n_layers=c.n_layer, d_model=c.n_embd, n_ctx=c.n_positions,
+                                     d_head=c.n_embd // c.n_head, n_heads=c.n_head, d_mlp=4 * c.n_embd,
+                                     d_vocab=c.vocab_size, act_fn="gelu_new", normalization_type="LN")
+    ht = tl.HookedTransformer(cfg)
+    ht.load_and_process_state_dict(convert_gpt2_weights(hf, cfg), fold_ln=True, center_writing_weights=True,
+                                   center_unembed=True)
+    ours, via_tl = composition_scores(HFGPT2Model(p)), composition_scores(TLModel.from_hooked(ht, "default"))
+    for mode in "QKV":
+        theirs = ht.all_composition_scores(mode).detach()
+        torch.testing.assert_close(ours[mode], theirs, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(via_tl[mode], theirs, atol=1e-5, rtol=1e-4)
+    # the induction head 1.1 K-composes most with the previous-token head 0.0
+    assert int(ours["K"][0, :, 1, 1].argmax()) == 0

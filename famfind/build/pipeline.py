@@ -3,9 +3,10 @@
 Steps (fixed seeds; each resumes from what ``build_dir`` already holds):
 1-2. corpus + BPE tokenizer (:mod:`famfind.build.corpus`);
 3. model (:mod:`famfind.build.train_model`), checkpointed every 250 steps;
-4. SAE (:mod:`famfind.build.train_sae`);
+4. one SAE per layer (:mod:`famfind.build.train_sae`), laid out as a SAELens release
+   (``saes/blocks.L.attn.hook_z/``);
 5. bars on held-out tokens (:mod:`famfind.build.bars`) and the cards;
-``install=True`` copies model/, sae/, eval_tokens.npy and the cards to famfind/data/default.
+``install=True`` copies model/, saes/, eval_tokens.npy and the cards to famfind/data/default.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from famfind.corpus import default_dir
 def build_all(build_dir: Path, install: bool = False, log=print) -> dict:
     from famfind.build.corpus import build_corpus
     from famfind.build.train_model import train_model
-    from famfind.build.train_sae import train_sae
+    from famfind.build.train_sae import SAETrainConfig, train_sae
 
     build_dir = Path(build_dir)
     if not (build_dir / "corpus.json").exists():
@@ -31,20 +32,23 @@ def build_all(build_dir: Path, install: bool = False, log=print) -> dict:
         log("training model (resumable)")
         train_model(build_dir, log=log)
     shutil.copy(build_dir / "tokenizer.json", build_dir / "model" / "tokenizer.json")
-    if not (build_dir / "sae" / "sae_weights.safetensors").exists():
-        log("training SAE")
-        train_sae(build_dir, log=log)
+    n_layers = json.loads((build_dir / "model" / "config.json").read_text())["n_layer"]
+    for layer in range(n_layers):
+        cfg = SAETrainConfig(layer=layer)
+        if not (build_dir / "saes" / cfg.hook / "sae_weights.safetensors").exists():
+            log(f"training the {cfg.hook} SAE")
+            train_sae(build_dir, cfg, log=log)
     bars = measure(build_dir, build_dir / "train_tokens.npy")
     (build_dir / "bars.json").write_text(json.dumps(bars, indent=1))
     write_cards(build_dir)
     log(json.dumps(bars, indent=1))
     if install:
         dst = default_dir()
-        for sub in ("model", "sae"):
+        for sub in ("model", "saes"):
             shutil.rmtree(dst / sub, ignore_errors=True)
             shutil.copytree(build_dir / sub, dst / sub)
-        for f in ("eval_tokens.npy", "bars.json", "DATA_CARD.md", "MODEL_CARD.md", "SAE_CARD.md", "train_history.json", "sae_history.json",
-                  "LICENSE-python-docs.txt"):
+        for f in ("eval_tokens.npy", "bars.json", "DATA_CARD.md", "MODEL_CARD.md", "SAE_CARD.md", "train_history.json",
+                  *(q.name for q in build_dir.glob("sae_history_L*.json")), "LICENSE-python-docs.txt"):
             shutil.copy(build_dir / f, dst / f)
     return bars
 
@@ -58,8 +62,7 @@ def write_cards(d: Path) -> None:
     c = json.loads((d / "corpus.json").read_text())
     b = json.loads((d / "bars.json").read_text())
     th = json.loads((d / "train_history.json").read_text())
-    sh = json.loads((d / "sae_history.json").read_text())
-    m, s, met = b["model"], b["sae"], b["met"]
+    m, met = b["model"], b["met"]
     tr, ho = c["train"], c["heldout"]
     (d / "DATA_CARD.md").write_text(f"""# Data card: famfind embedded-default corpus
 
@@ -135,26 +138,41 @@ Last logged evaluation: {last}.
 Why this recipe: with GPT-2's initialisation (std 0.02, tied embeddings) the same warm-up grew
 no induction head in 17k steps; natural text alone, none in 3k steps (issue #2 notes).
 """)
-    sc = sh["config"]
-    (d / "SAE_CARD.md").write_text(f"""# SAE card: famfind embedded default, `blocks.1.attn.hook_z`
+    write_sae_card(d, b)
 
-ReLU ("standard") SAE on the concatenated heads of layer 1's `hook_z` (d_in {s['d_sae'] // sc['expansion']},
-d_sae {s['d_sae']}, {sc['expansion']}x), SAELens on-disk format (`cfg.json` +
-`sae_weights.safetensors`, `metadata.hook_name = blocks.1.attn.hook_z`,
-`reshape_activations = hook_z`); `sae_lens.SAE.load_from_disk` reads it.
-Trained on hook_z of the train split: L2 reconstruction + L1 penalty with unit-norm decoder
-rows (Bricken et al. 2023), Adam lr {sc['lr']}, {sc['steps']} steps x {sc['batch']} tokens,
-dead-feature resampling every {sc['resample_every']} steps; the L1 coefficient was steered
-toward L0 = {sc['target_l0']} during the first {int(sc['l1_tune_frac'] * 100)}% of steps, then frozen.
 
-## Bars ({s['n_tokens']:,} held-out tokens)
+def write_sae_card(d: Path, b: dict | None = None) -> None:
+    """SAE_CARD.md (one section per SAE of ``saes/``) from bars.json and the training logs."""
+    b = b or json.loads((d / "bars.json").read_text())
+    met = b["met"]
+    parts = ["# SAE card: famfind embedded default, one SAE per layer\n",
+             "A SAELens-style release folder, `saes/`, with one SAE folder per hook (`cfg.json` +",
+             "`sae_weights.safetensors`, `reshape_activations = hook_z`; `sae_lens.SAE.load_from_disk` reads",
+             "each). `famfind scan` with no argument scans both in one pass.\n"]
+    for hook, s in b["saes"].items():
+        layer = s["layer"]
+        hist = d / f"sae_history_L{layer}.json"
+        if not hist.exists() and layer == 1:
+            hist = d / "sae_history.json"  # the first release's name
+        sc = json.loads(hist.read_text())["config"]
+        lo_hi = [k for k in met if k.startswith(f"{hook}: L0")][0].split(": ", 1)[1]
+        parts.append(f"""## `{hook}`
 
-| bar | value | target | |
+ReLU ("standard") SAE on the concatenated heads of layer {layer}'s `hook_z` (d_in {s['d_sae'] // sc['expansion']},
+d_sae {s['d_sae']}, {sc['expansion']}x). Trained on hook_z of the train split: L2 reconstruction + L1
+penalty with unit-norm decoder rows (Bricken et al. 2023), Adam lr {sc['lr']}, {sc['steps']} steps x
+{sc['batch']} tokens, dead-feature resampling every {sc['resample_every']} steps; the L1 coefficient was
+steered toward L0 = {sc['target_l0']} during the first {int(sc['l1_tune_frac'] * 100)}% of steps, then frozen
+(training log: `{hist.name}`).{(chr(10) * 2 + json.loads(hist.read_text())['note']) if 'note' in json.loads(hist.read_text()) else ''}
+
+| bar ({s['n_tokens']:,} held-out tokens) | value | target | |
 |---|---|---|---|
-| L0 | {s['l0']} | [5, 40] | {_tick(met['L0 in [5, 40]'])} |
-| loss recovered (vs zero-ablating hook_z) | {s['loss_recovered']:.1%} | >= 70% | {_tick(met['loss_recovered >= 0.70'])} |
-| dead features (never fire on the held-out set) | {s['dead_fraction']:.1%} | <= 40% | {_tick(met['dead_fraction <= 0.40'])} |
+| L0 | {s['l0']} | {lo_hi.removeprefix('L0 in ')} | {_tick(met[f'{hook}: {lo_hi}'])} |
+| loss recovered (splicing the reconstruction at layer {layer} vs zero-ablating its hook_z) | {s['loss_recovered']:.1%} | >= 70% | {_tick(met[f'{hook}: loss_recovered >= 0.70'])} |
+| dead features (never fire on the held-out set) | {s['dead_fraction']:.1%} | <= 40% | {_tick(met[f'{hook}: dead_fraction <= 0.40'])} |
 
 CE clean {s['ce_clean']}, with SAE {s['ce_with_sae']}, zero-ablated {s['ce_zero_ablated']};
-explained variance {s['explained_variance']}. Re-measure: `python -m famfind.build.bars`.
+explained variance {s['explained_variance']}.
 """)
+    parts.append("Re-measure: `python -m famfind.build.bars`.\n")
+    (d / "SAE_CARD.md").write_text("\n".join(parts))

@@ -1,4 +1,4 @@
-"""Train the embedded default's ReLU SAE on ``blocks.1.attn.hook_z`` and write its card bars.
+"""Train one of the embedded default's ReLU SAEs on ``blocks.L.attn.hook_z`` (L = ``cfg.layer``).
 
 Objective (Bricken et al. 2023, "Towards Monosemanticity", as used for attention SAEs by
 Kissane et al. 2024): ``||x - x_hat||^2 + l1_coeff * ||f||_1`` with decoder rows kept at
@@ -26,7 +26,6 @@ import torch
 from famfind.model import HFGPT2Model
 from famfind.sae import SAE
 
-HOOK = "blocks.1.attn.hook_z"
 
 
 @dataclass(frozen=True)
@@ -42,6 +41,11 @@ class SAETrainConfig:
     resample_until: float = 0.7  # fraction of training after which no more resampling
     seq_len: int = 128
     seed: int = 0
+    layer: int = 1  # blocks.{layer}.attn.hook_z
+
+    @property
+    def hook(self) -> str:
+        return f"blocks.{self.layer}.attn.hook_z"
 
 
 def collect_hook_z(model: HFGPT2Model, tokens: np.ndarray, layer: int, seq_len: int,
@@ -61,12 +65,13 @@ def _normalise_dec(W_dec: torch.nn.Parameter) -> None:
 
 
 def train_sae(build_dir: Path, cfg: SAETrainConfig = SAETrainConfig(), log=print) -> Path:
-    """Train the SAE on the build's training split; writes ``build_dir/sae`` in SAELens format."""
+    """Train the layer-``cfg.layer`` SAE on the build's training split; writes
+    ``build_dir/saes/<hook>/`` in SAELens format (and ``sae_history_L<layer>.json``)."""
     torch.manual_seed(cfg.seed)
     model = HFGPT2Model(build_dir / "model")
     train = np.load(build_dir / "train_tokens.npy")
     t0 = time.time()
-    X = collect_hook_z(model, train, 1, cfg.seq_len)
+    X = collect_hook_z(model, train, cfg.layer, cfg.seq_len)
     log(f"collected hook_z {tuple(X.shape)} in {time.time() - t0:.0f}s")
     d_in = X.shape[1]
     d_sae = cfg.expansion * d_in
@@ -75,7 +80,7 @@ def train_sae(build_dir: Path, cfg: SAETrainConfig = SAETrainConfig(), log=print
     W_enc = torch.nn.Parameter(W_dec.detach().T.clone())
     b_enc = torch.nn.Parameter(torch.zeros(d_sae))
     b_dec = torch.nn.Parameter(X[:100_000].mean(0).clone())
-    sae = SAE(W_enc, W_dec, b_enc, b_dec, hook_name=HOOK, model_name="../model")  # trains in place
+    sae = SAE(W_enc, W_dec, b_enc, b_dec, hook_name=cfg.hook, model_name="../../model")  # trains in place
     opt = torch.optim.Adam([W_enc, W_dec, b_enc, b_dec], lr=cfg.lr)
     l1 = cfg.l1_init
     g = torch.Generator().manual_seed(cfg.seed)
@@ -115,9 +120,9 @@ def train_sae(build_dir: Path, cfg: SAETrainConfig = SAETrainConfig(), log=print
                    "l1_coeff": round(l1, 5), "s": round(time.time() - t0)}
             history.append(rec)
             log(json.dumps(rec))
-    out = build_dir / "sae"
+    out = build_dir / "saes" / cfg.hook
     save_saelens(sae, out, {"l1_coefficient": l1, **asdict(cfg)})
-    (build_dir / "sae_history.json").write_text(json.dumps({"config": asdict(cfg), "history": history}))
+    (build_dir / f"sae_history_L{cfg.layer}.json").write_text(json.dumps({"config": asdict(cfg), "history": history}))
     return out
 
 
@@ -168,4 +173,6 @@ if __name__ == "__main__":
     import sys
 
     torch.set_num_threads(2)
-    train_sae(Path(sys.argv[1] if len(sys.argv) > 1 else "build/default"), log=lambda m: print(m, flush=True))
+    layer = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    train_sae(Path(sys.argv[1] if len(sys.argv) > 1 else "build/default"), SAETrainConfig(layer=layer),
+              log=lambda m: print(m, flush=True))

@@ -10,6 +10,11 @@
   $("scan-summary").textContent = `${s.sae_path} | model ${s.model} | ${s.hook_name} | ${s.architecture} SAE, d_sae ${s.d_sae} | ` +
     `${s.n_tokens.toLocaleString()} tokens of ${s.corpus} | L0 ${s.l0.toFixed(1)} | dead ${(100 * s.dead_fraction).toFixed(1)}%`;
 
+  if (D.pages && D.pages.length > 1) {  // one page per SAE of the scan
+    $("sae-pages").innerHTML = "SAEs of this scan: " + D.pages.map(([name, href]) => name === s.sae ?
+      `<b>${esc(name)}</b>` : `<a href="${encodeURI(href)}">${esc(name)}</a>`).join(" | ");
+  }
+
   function table(el, rows) {
     if (!rows.length) { el.innerHTML = "<tr><td>none</td></tr>"; return; }
     const cols = [...new Set(rows.flatMap((r) => Object.keys(r)))];
@@ -69,6 +74,11 @@
       `<div>density ${fmt(f.density)} | max ${fmt(f.max_act)} | cluster ${f.cluster ?? "-"}</div>${hist(f)}` +
       `<div><b>boosts</b> ${toks(f.logits.boost)}</div><div><b>suppresses</b> ${toks(f.logits.suppress)}</div>` +
       `<div><b>head attribution</b>${bars(f.att, "")}</div>` + (f.dfa.length ? `<div><b>DFA by head</b>${bars(f.dfa, "dfa")}</div>` : "") +
+      (f.upstream && f.upstream.length ? `<div><b>top upstream features</b> (RDFA): ` + f.upstream.map(([l, g, c]) => {
+        const href = (D.pages || []).find((p) => p[2] === l);
+        const name = `L${l} f${g}`;
+        return (href ? `<a href="${encodeURI(href[1])}#${g}">${name}</a>` : name) + ` ${fmt(c)}`;
+      }).join(", ") + "</div>" : "") +
       (f.sources.length ? `<div><b>DFA by source</b> (top example): ` + f.sources.map(([t, o, sh]) => `<span class="tok">${esc(JSON.stringify(t))}</span> @-${o} ${fmt(sh)}`).join(", ") + "</div>" : "") +
       `<div><b>top contexts</b>` + f.examples.map(([a, c, t, v]) => `<div class="ctx">${fmt(a)}: ${context(a, c, f.max_act, t, v)}</div>`).join("") + "</div>" +
       (f.quantiles.length ? `<div><b>lower quantiles</b>` + f.quantiles.map(([a, c, t, v]) => `<div class="ctx">${fmt(a)}: ${context(a, c, f.max_act, t, v)}</div>`).join("") + "</div>" : "") + "</div>";
@@ -88,6 +98,7 @@
     $("cards").innerHTML = m.slice(page * PER, (page + 1) * PER).map(card).join("");
     $("page-info").textContent = `page ${page + 1} / ${pages} (${m.length} features)`;
   }
+  if (/^#\d+$/.test(location.hash)) $("search").value = location.hash.slice(1);  // a link to one feature's card
   $("search").addEventListener("input", () => { page = 0; draw(); });
   $("only-families").addEventListener("change", () => { page = 0; draw(); });
   $("prev").addEventListener("click", () => { page = Math.max(0, page - 1); draw(); });
