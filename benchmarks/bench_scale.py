@@ -94,30 +94,31 @@ def pass_flops_per_token(cfg, layers: list[int], d_sae: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"))
-    ap.add_argument("--quick", action="store_true", help="a small configuration (4 layers, d_sae 4096) for CI")
+    ap.add_argument("--quick", action="store_true", help="a small configuration (2 layers, d_model 256, d_sae 2048)")
     ap.add_argument("--sizes", default=None, help="comma-separated corpus token counts")
     ap.add_argument("--batch-size", type=int, default=None)
     args = ap.parse_args()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
-    n_layers, d_sae, vocab = (4, 4096, 4096) if args.quick else (N_LAYERS, D_SAE, VOCAB)
+    n_layers, d_model, n_heads, d_sae, vocab = (2, 256, 4, 2048, 4096) if args.quick else \
+        (N_LAYERS, D_MODEL, N_HEADS, D_SAE, VOCAB)
     sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else (
-        [16_384, 32_768, 65_536] if args.quick else
+        [8_192, 16_384, 32_768] if args.quick else
         ([1_048_576, 3_145_728, 10_485_760] if device == "cuda" else [131_072, 262_144, 1_048_576]))
     bs = args.batch_size or (256 if device == "cuda" else 32)
     from famfind.activations import PassState, activation_pass
     from famfind.model import HFGPT2Model
 
     with tempfile.TemporaryDirectory() as tmp:
-        build_model(Path(tmp) / "model", n_layers, D_MODEL, N_HEADS, vocab)
+        build_model(Path(tmp) / "model", n_layers, d_model, n_heads, vocab)
         model = HFGPT2Model(Path(tmp) / "model", device)
     cfg = model.cfg
     g = torch.Generator().manual_seed(2)
     calib = torch.randint(0, vocab, (64, SEQ), generator=g).to(device)
     t0 = time.time()
     saes = build_saes(model, d_sae, calib, 20.0, device)
-    mid = saes[min(5, n_layers - 1)]
+    mid = saes[min(5, n_layers - 1)]  # layer 5 at GPT-2-small shape
     print(f"device {device} ({torch.cuda.get_device_name() if device == 'cuda' else f'{torch.get_num_threads()} threads'}); "
           f"model {cfg.n_layers} layers x {cfg.n_heads} heads x d_head {cfg.d_head}, vocab {cfg.d_vocab}; "
           f"{len(saes)} SAEs x {d_sae} features (built in {time.time() - t0:.0f} s); batch {bs} x {SEQ} tokens")

@@ -121,14 +121,16 @@ class Counts:
         self.n_tokens = 0
 
     def update(self, batch: ActivationBatch) -> None:
-        flat = batch.acts.reshape(-1, batch.acts.shape[-1])
-        n_fire = (flat > 0).sum(0)
-        self.fire += n_fire
-        self.asum += flat.sum(0, dtype=torch.float64)
-        self.amax = torch.maximum(self.amax, flat.max(0).values)
+        """O(fired entries): reads ``batch.firing``, never the dense ``[tokens, d_sae]`` matrix
+        (only the mean hook_z reads every position)."""
+        b, t, f = batch.firing
+        v = batch.acts[b, t, f]
+        self.fire += torch.bincount(f, minlength=self.fire.numel())
+        self.asum.index_add_(0, f, v.double())
+        self.amax.scatter_reduce_(0, f, v.float(), reduce="amax")
         self.zsum += batch.z.sum(dim=(0, 1), dtype=torch.float64)
-        self.l0 += int(n_fire.sum())
-        self.n_tokens += flat.shape[0]
+        self.l0 += int(f.numel())
+        self.n_tokens += batch.acts.shape[0] * batch.acts.shape[1]
 
     def merge(self, o: Counts) -> None:
         self.fire += o.fire.to(self.fire.device)
@@ -167,18 +169,26 @@ class TopK:
         self.win = torch.zeros(k, d_sae, W, dtype=torch.float16, device=device)
 
     def update(self, batch: ActivationBatch) -> None:
-        flat = batch.acts.reshape(-1, batch.acts.shape[-1])
-        k = min(self.k, flat.shape[0])
-        v, i = flat.topk(k, dim=0)  # [k, d_sae]
-        thr = v[-1]  # a feature whose k-th value is tied with an unselected entry: redo it stably
-        tied = torch.nonzero((thr > 0) & ((flat == thr).sum(0) > (v == thr).sum(0))).flatten()
-        for f in tied.tolist():
-            vs, is_ = flat[:, f].sort(descending=True, stable=True)
-            v[:, f], i[:, f] = vs[:k], is_[:k]
-        F = flat.shape[1]
-        fidx = torch.arange(F, device=flat.device).expand(k, F)
-        win = window_acts(flat, (i // self.T).flatten(), (i % self.T).flatten(), fidx.flatten(), self.T).view(k, F, W)
-        self._fold(v, i + batch.start * self.T, win)
+        """O(fired entries): each feature's best ``k`` firings of the batch (by activation,
+        ties by position) are folded in; positions where it does not fire never enter."""
+        b, t, f = batch.firing  # row-major: ascending batch position
+        if f.numel() == 0:
+            return
+        v = batch.acts[b, t, f].float()
+        o = v.argsort(descending=True, stable=True)
+        o = o[f[o].argsort(stable=True)]  # grouped by feature; activation desc, then position asc
+        fs = f[o]
+        rank = torch.arange(fs.numel(), device=fs.device) - torch.searchsorted(fs, fs, right=False)
+        keep = o[rank < self.k]
+        slot = (rank[rank < self.k], f[keep])
+        F, dev = self.acts.shape[1], f.device
+        new_a = torch.zeros(self.k, F, device=dev)
+        new_a[slot] = v[keep]
+        new_i = torch.full((self.k, F), EMPTY, dtype=torch.long, device=dev)
+        new_i[slot] = (b[keep] + batch.start) * self.T + t[keep]
+        new_w = torch.zeros(self.k, F, W, dtype=torch.float16, device=dev)
+        new_w[slot] = window_acts(batch.acts.reshape(-1, F), b[keep], t[keep], f[keep], self.T)
+        self._fold(new_a, new_i, new_w)
 
     def _fold(self, acts, idx, win) -> None:
         d = self.acts.device

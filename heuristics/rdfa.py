@@ -98,7 +98,7 @@ class RDFA(Heuristic):
     def run(self, ctx) -> Result:
         o, sae, L, dev = self.options, ctx.sae, ctx.layer, ctx.config.device
         feats = self._targets(ctx)
-        up = {}  # layer -> (upstream SAE, W_dec @ W_O [d_sae_l, d_model])
+        up = {}  # layer -> the first SAE of the scan at that layer (upstream of this one)
         for s in ctx.saes.values():
             if s.layer < L and s.layer not in up:
                 up[s.layer] = s
@@ -113,7 +113,7 @@ class RDFA(Heuristic):
         H = ctx.model.cfg.n_heads
         W_enc = sae.W_enc.view(H, -1, sae.d_sae)  # [H, dh, d_sae]
         b_dec = sae.b_dec.view(H, -1) if sae.apply_b_dec_to_input else torch.zeros(H, W_enc.shape[1], device=dev)
-        D = {}
+        D = {}  # layer -> upstream W_dec @ W_O [d_sae_l, d_model]
         rows: dict[str, list] = {c: [] for c in ("feature", "example_rank", "seq", "pos", "src_pos", "component",
                                                    "upstream_layer", "upstream_feature", "contribution")}
 

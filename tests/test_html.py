@@ -55,3 +55,23 @@ def test_report_renders_in_chromium(report, tmp_path):
     subprocess.run(args + [f"--screenshot={shot}", report.as_uri()], capture_output=True, timeout=120, check=True)
     assert shot.stat().st_size > 10_000
     print(f"screenshot: {shot}")
+
+
+def test_readme_cross_layer_query_runs_on_the_default(default_scan):
+    """The README's cross-layer SQL (layer-1 induction features and their top upstream layer-0
+    feature, from rdfa) runs on a scan of the embedded default and names layer-0 features."""
+    import re
+    from pathlib import Path
+
+    from famfind.db import connect
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    sql = re.search(r"<!-- xlayer:start -->\n```sql\n(.*?);\n```", readme, re.S).group(1)
+    db, _ = default_scan
+    con = connect(db, read_only=True)
+    try:
+        rows = con.execute(sql).fetchall()
+        layer0 = {r[0] for r in con.execute("SELECT feature FROM features WHERE layer = 0").fetchall()}
+    finally:
+        con.close()
+    assert rows and all(r[1] in layer0 for r in rows)
