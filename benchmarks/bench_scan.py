@@ -128,7 +128,7 @@ def main() -> None:
         for name, extra in (("layer-1 SAE alone", [str(default_sae(1))]), ("both layers (the default)", [])):
             with tempfile.TemporaryDirectory() as tmp:
                 t0 = time.time()
-                r = subprocess.run([sys.executable, "-m", "famfind.cli", "scan", *extra, "--db", f"{tmp}/b.duckdb",
+                subprocess.run([sys.executable, "-m", "famfind.cli", "scan", *extra, "--db", f"{tmp}/b.duckdb",
                                     "-q"], check=True, stdout=subprocess.DEVNULL)
                 walls[name] = time.time() - t0
             # ru_maxrss of children is the largest child so far: both runs' peak

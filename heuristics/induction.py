@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from famfind.activations import EMPTY, best_rows, encode_hook
+from famfind.activations import EMPTY, best_rows
 from famfind.families import FamilyOutcome, attribution_groups, family_result, head_names, mean_ablation
 from famfind.heuristics.attribution import HeadAttributionMatrix, TopBoostedTokens
 from famfind.heuristics.head_roles import HeadRoleScores
@@ -207,28 +207,42 @@ class AblationOptions(Options):
 
 
 @dataclass(frozen=True)
-class InductionAblationCounts(Output):
+class AblationCounts(Output):
     """Family features with at least ``min_fires`` clean firings (``tested``) and of those
-    turned off by mean-ablating the induction heads (``turned_off``); ``heads`` ablated."""
+    turned off by mean-ablating the family's role heads (``turned_off``); ``heads`` ablated."""
 
     tested: int
     turned_off: int
     heads: list[str]
 
 
-class InductionAblation(Heuristic):
-    id = "induction_ablation"
-    version = "0.2"
+@dataclass(frozen=True)
+class InductionAblationCounts(AblationCounts):
+    """:class:`AblationCounts` of the induction family (heads: the induction heads)."""
+
+
+class FamilyAblation(Heuristic):
+    """Base of a detector that mean-ablates a head-role family's role heads
+    (:func:`famfind.families.mean_ablation`) and fills the family's validation row;
+    subclasses set ``family_output`` (the family's output type) and ``produces``."""
+
     needs = "activations"  # mean-ablation uses the pass's mean hook_z
-    produces = InductionAblationCounts
-    requires = (InductionFamily,)
-    description = "Mean-ablate the induction head(s); which family features turn off"
     Options = AblationOptions
+    family_output: type[FamilyOutcome]
 
     def run(self, ctx) -> Result:
         o = self.options
-        fam = ctx.output(InductionFamily)
+        fam = ctx.output(self.family_output)
         tested, off, dets = mean_ablation(ctx, fam, o.n_sequences, o.off_fraction, o.min_fires)
-        val = Validation("induction", ablation_tested=tested, ablation_off=off)
-        return Result(output=InductionAblationCounts(tested, off, fam.role_heads), detections=dets,
+        val = Validation(fam.family, ablation_tested=tested, ablation_off=off)
+        return Result(output=self.produces(tested, off, fam.role_heads), detections=dets,
                       validation=[val] if fam.role_heads else [])
+
+
+class InductionAblation(FamilyAblation):
+    id = "induction_ablation"
+    version = "0.2"
+    produces = InductionAblationCounts
+    requires = (InductionFamily,)
+    family_output = InductionFamily
+    description = "Mean-ablate the induction head(s); which family features turn off"

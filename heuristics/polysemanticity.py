@@ -38,6 +38,13 @@ FAMILY_TYPES = (InductionFamily, PreviousTokenFamily, DuplicateTokenFamily, Succ
                 LongPrefixFamily)
 
 
+def family_outcomes(ctx) -> list[FamilyOutcome]:
+    """Every built-in family's typed output for the reading detector's SAE (the reader must
+    require ``ContextFamilies`` and :data:`FAMILY_TYPES`)."""
+    cf = ctx.output(ContextFamilies)
+    return [ctx.output(t) for t in FAMILY_TYPES] + [cf.local_context, cf.high_level_context]
+
+
 def primary_roles(outcomes: list[FamilyOutcome], d_sae: int) -> list[str | None]:
     """Each feature's primary family (highest confidence; ties: family name) or ``None``."""
     best: list[tuple[float, str] | None] = [None] * d_sae
@@ -103,9 +110,7 @@ class HeadPolysemanticityCheck(Heuristic):
         o = self.options
         att = ctx.output(HeadAttributionMatrix).attribution  # [d_sae, n_heads]
         F, H = att.shape
-        ctxf = ctx.output(ContextFamilies)
-        outcomes = [ctx.output(t) for t in FAMILY_TYPES] + [ctxf.local_context, ctxf.high_level_context]
-        roles = primary_roles(outcomes, F)
+        roles = primary_roles(family_outcomes(ctx), F)
         live = ~ctx.stats.dead
         verdict, top_roles, rows = {}, {}, []
         for h in range(H):

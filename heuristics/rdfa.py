@@ -30,7 +30,7 @@ import polars as pl
 import torch
 
 from famfind.heuristics.context import ContextFamilies
-from famfind.heuristics.polysemanticity import FAMILY_TYPES
+from famfind.heuristics.polysemanticity import FAMILY_TYPES, family_outcomes
 from famfind.plugins import Column, Heuristic, Options, Output, Result, Table
 
 
@@ -86,9 +86,8 @@ class RDFA(Heuristic):
         if self.options.features == "all":
             sel = live
         elif self.options.features == "families":
-            cf = ctx.output(ContextFamilies)
             sel = torch.zeros_like(live)
-            for o in [ctx.output(t) for t in FAMILY_TYPES] + [cf.local_context, cf.high_level_context]:
+            for o in family_outcomes(ctx):
                 sel |= o.members
         else:
             raise ValueError(f"features must be 'families' or 'all', not {self.options.features!r}")

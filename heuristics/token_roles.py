@@ -26,11 +26,11 @@ from dataclasses import dataclass
 import torch
 
 from famfind.families import (FamilyOutcome, attribution_groups, encode_all, family_result, head_names,
-                               mean_ablation, mode_per_feature, role_heads)
+                               mode_per_feature, role_heads)
 from famfind.heuristics.attribution import HeadAttributionMatrix
 from famfind.heuristics.head_roles import HeadRoleScores
-from famfind.heuristics.induction import AblationOptions
-from famfind.plugins import Heuristic, Options, Output, Result, Validation
+from famfind.heuristics.induction import AblationCounts, FamilyAblation
+from famfind.plugins import Heuristic, Options, Result
 
 
 @dataclass(frozen=True)
@@ -153,28 +153,14 @@ class DuplicateTokenFeatures(_TokenRoleFeatures):
 
 
 @dataclass(frozen=True)
-class PreviousTokenAblationCounts(Output):
-    """Previous-token family features with at least ``min_fires`` clean firings (``tested``)
-    and of those turned off by mean-ablating the previous-token heads (``turned_off``)."""
-
-    tested: int
-    turned_off: int
-    heads: list[str]
+class PreviousTokenAblationCounts(AblationCounts):
+    """:class:`AblationCounts` of the previous-token family (heads: the previous-token heads)."""
 
 
-class PreviousTokenAblation(Heuristic):
+class PreviousTokenAblation(FamilyAblation):
     id = "previous_token_ablation"
     version = "0.1"
-    needs = "activations"  # mean-ablation uses the pass's mean hook_z
     produces = PreviousTokenAblationCounts
     requires = (PreviousTokenFamily,)
+    family_output = PreviousTokenFamily
     description = "Mean-ablate the previous-token head(s); which family features turn off"
-    Options = AblationOptions
-
-    def run(self, ctx) -> Result:
-        o = self.options
-        fam = ctx.output(PreviousTokenFamily)
-        tested, off, dets = mean_ablation(ctx, fam, o.n_sequences, o.off_fraction, o.min_fires)
-        val = Validation("previous_token", ablation_tested=tested, ablation_off=off)
-        return Result(output=PreviousTokenAblationCounts(tested, off, fam.role_heads), detections=dets,
-                      validation=[val] if fam.role_heads else [])

@@ -33,7 +33,7 @@ def planted_scan(planted_paths, tmp_path_factory):
 def default_scan(tmp_path_factory):
     """(db path, scan_id) of one scan of the embedded default on its first 100k eval tokens
     (shared by the HTML and labelling tests; copy the file before writing to it)."""
-    from famfind.corpus import default_dir, default_sae
+    from famfind.corpus import default_sae
     from famfind.db import write_scan
     from famfind.scan import ScanConfig, run_scan
 

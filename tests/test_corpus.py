@@ -46,7 +46,7 @@ def test_all_text_formats_give_the_same_tokens(tmp_path, tok):
     import duckdb
 
     duckdb.sql("SELECT * FROM (VALUES " + ", ".join(f"({i}, $${d}$$)" for i, d in enumerate(DOCS)) +
-               f") t(id, text) ORDER BY id").write_parquet(str(tmp_path / "c.parquet"))
+               ") t(id, text) ORDER BY id").write_parquet(str(tmp_path / "c.parquet"))
     for src in ("d", "c.jsonl", "c.parquet"):
         c = load_corpus(tmp_path / src, tok, seq_len=16)
         assert c.tokens.reshape(-1).tolist() == want[: c.n_tokens], src

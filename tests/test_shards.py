@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from famfind.corpus import default_dir, default_sae
+from famfind.corpus import default_sae
 from famfind.heuristics.context import ContextRunStats
 from famfind.heuristics.dfa import DFAHeadShares
 from famfind.heuristics.induction import InductionBehaviourRates

@@ -119,3 +119,9 @@ def measure(d: Path, train_tokens: Path | None = None) -> dict:
     bars = {"model": model_bars(model, held, uni), "saes": saes}
     bars["met"] = check(bars)
     return bars
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    d = Path(sys.argv[1]) if len(sys.argv) > 1 else default_dir()
+    print(json.dumps(measure(d, d / "train_tokens.npy" if len(sys.argv) > 1 else None), indent=1))
