@@ -226,7 +226,7 @@ def _example_rows(pieces, toks, acts, seqs, poss, wins, live) -> list[dict]:
     return rows
 
 
-def _sae_frames(u, tokens: np.ndarray, pieces: _Pieces, tables: dict[str, Table]) -> dict[str, list[pl.DataFrame]]:
+def _sae_frames(u, tokens: np.ndarray, pieces: _Pieces) -> dict[str, list[pl.DataFrame]]:
     """One SAE's rows (:class:`famfind.scan.SAEScan` ``u``): features, examples, samples,
     random contexts, histogram, and its detectors' rows, each with ``sae`` and ``layer``."""
     st, F, layer = u.ctx.stats, u.sae.d_sae, u.sae.layer
@@ -259,13 +259,14 @@ def _sae_frames(u, tokens: np.ndarray, pieces: _Pieces, tables: dict[str, Table]
         "sae": [u.id] * len(f_idx), "layer": np.full(len(f_idx), layer, dtype=np.int32),
         "feature": f_idx, "bin": b_idx, "lo": np.array(e)[b_idx], "hi": np.array(e)[b_idx + 1],
         "count": st.hist.numpy()[f_idx, b_idx]}))
-    _result_frames(u.results, u.id, layer, add, tables)
+    _result_frames(u.results, u.id, layer, add)
     return out
 
 
-def _result_frames(results: dict, sae: str | None, layer: int | None, add, tables: dict[str, Table]) -> None:
+def _result_frames(results: dict, sae: str | None, layer: int | None, add) -> None:
     """Detector rows (heads, detections, families, validation, declared tables) of one unit of
-    a scan: an SAE (``sae``, ``layer``) or the model detectors (``sae=None``)."""
+    a scan: an SAE (``sae``, ``layer``; its detectors' own tables gain ``sae``, see
+    :func:`famfind.plugins.stored_tables`) or the model detectors (``sae=None``)."""
     heads, dets, fams, vals = [], [], [], {}
     key = {"sae": sae, "layer": layer}
     for hid, res in results.items():
@@ -281,9 +282,7 @@ def _result_frames(results: dict, sae: str | None, layer: int | None, add, table
                 if val is not None:
                     row[k] = val
         for name, df in res.tables.items():  # declared and conformed when the detector returned
-            if "sae" in tables[name].polars_schema() and "sae" not in df.columns:
-                df = df.with_columns(pl.lit(sae, dtype=pl.Utf8).alias("sae")).select(list(tables[name].polars_schema()))
-            add(name, df)
+            add(name, df if sae is None else df.with_columns(pl.lit(sae, dtype=pl.Utf8).alias("sae")))
     add("heads", CORE_BY_NAME["heads"].frame(heads))
     add("detections", CORE_BY_NAME["detections"].frame(dets))
     primary: dict[int, int] = {}  # feature -> its row of highest confidence (ties: family name, then first)
@@ -301,14 +300,9 @@ def _result_frames(results: dict, sae: str | None, layer: int | None, add, table
 def scan_frames(result) -> dict[str, pl.DataFrame]:
     """All rows of a :class:`famfind.scan.ScanResult` (every SAE's), as DataFrames without
     ``scan_id``."""
-    from famfind.plugins import stored_tables
-
     first, cfg, model = result.saes[0], result.model_ctx.config, result.model_ctx.model
     corpus = result.model_ctx.corpus
     st0 = first.ctx.stats
-    tables = {t.name: t for t in CORE}
-    for r in result.runs:
-        tables.update({t.name: t for t in stored_tables(result.registry.get(r.id).cls)})
     frames: dict[str, list[pl.DataFrame]] = {}
 
     def add(name, df):
@@ -335,11 +329,11 @@ def scan_frames(result) -> dict[str, pl.DataFrame]:
           "error": r.error, "seconds": r.seconds, "output_type": r.output_type,
           "summary": json.dumps(o.summary() if (o := outputs.get((r.sae, r.id))) is not None else {})}
          for r in result.runs]))
-    _result_frames(result.model_results, None, None, add, tables)
+    _result_frames(result.model_results, None, None, add)
     toks = corpus.tokens.numpy()
     pieces = _Pieces(model.tokenizer)
     for u in result.saes:
-        for name, dfs in _sae_frames(u, toks, pieces, tables).items():
+        for name, dfs in _sae_frames(u, toks, pieces).items():
             frames.setdefault(name, []).extend(dfs)
     return {name: pl.concat(dfs, how="diagonal_relaxed") if len(dfs) > 1 else dfs[0] for name, dfs in frames.items()}
 
@@ -352,10 +346,10 @@ def write_scan(db_path: str | Path, result) -> int:
     transaction. On any error it is rolled back (and a database file this call created is
     removed), so no partial rows remain. Raises ``FamfindError`` naming the file.
     """
-    p = Path(db_path)
-    existed = p.exists()
     from famfind.plugins import stored_tables
 
+    p = Path(db_path)
+    existed = p.exists()
     frames = scan_frames(result)  # everything computed before the database is touched
     ran = {r.id: result.registry.get(r.id).cls for r in result.runs}.values()
     tables = {t.name: t for t in (*CORE, *(t for c in ran for t in stored_tables(c)))}

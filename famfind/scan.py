@@ -268,8 +268,8 @@ class _Runner:
             raise
         except Exception as e:  # one broken detector never stops a scan
             if self.strict:
-                on = f" on {self.ctx.sae_id}" if self.ctx.sae_id else ""
-                raise FamfindError(origin, f"detector {hid!r} failed in {what}(){on} ({type(e).__name__}: {e})") from e
+                raise FamfindError(origin, f"detector {hid!r} failed in {what}(){self._on} "
+                                   f"({type(e).__name__}: {e})") from e
             return self._fail(hid, origin, e, t)
         self.spent[hid] = self.spent.get(hid, 0.0) + time.time() - t
         if what == "run":
@@ -285,9 +285,13 @@ class _Runner:
         msg = f"{type(e).__name__}: {e}"
         self.runs[hid] = DetectorRun(hid, det.version, origin, "failed", msg[:300],
                                      self.spent.get(hid, 0.0) + time.time() - t, sae=self.ctx.sae_id)
-        on = f" on {self.ctx.sae_id}" if self.ctx.sae_id else ""
-        self.log(f"warning: detector {hid} ({origin}) failed{on}: {msg}")
+        self.log(f"warning: detector {hid} ({origin}) failed{self._on}: {msg}")
         return False
+
+    @property
+    def _on(self) -> str:
+        """`` on <sae>`` for messages about a per-SAE unit; empty for the model unit."""
+        return f" on {self.ctx.sae_id}" if self.ctx.sae_id else ""
 
 
 def shard_rows(n_seq: int, shards: int) -> list[tuple[int, int]]:

@@ -45,9 +45,7 @@ class Section:
         return self.con.execute(sql, self._params(sql)).fetchall()
 
     def rows(self, sql: str) -> list[dict]:
-        cur = self.con.execute(sql, self._params(sql))
-        cols = [d[0] for d in cur.description]
-        return [dict(zip(cols, r)) for r in cur.fetchall()]
+        return rows(self.con, sql, *self._params(sql))
 
     def per_feature(self, sql: str, add: Callable[[dict, dict], None]) -> dict[int, dict]:
         out: dict[int, dict] = {}
@@ -82,8 +80,13 @@ def sections(con, scan_id: int, console: Console | None = None, sae: str | None 
         yield cls, Section(con, scan_id, det, json.loads(summ) if summ else {}, console, sae)
 
 
-def scan_saes(con, scan_id: int) -> list[dict]:
-    """The scan's SAEs (rows of ``saes``), in layer order."""
-    cur = con.execute("SELECT * EXCLUDE (scan_id) FROM saes WHERE scan_id = ? ORDER BY layer, sae", [scan_id])
+def rows(con, sql: str, *args) -> list[dict]:
+    """The rows of ``sql`` (``?`` bound to ``args``) as dicts by column name."""
+    cur = con.execute(sql, list(args))
     cols = [d[0] for d in cur.description]
     return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+
+def scan_saes(con, scan_id: int) -> list[dict]:
+    """The scan's SAEs (rows of ``saes``), in layer order."""
+    return rows(con, "SELECT * EXCLUDE (scan_id) FROM saes WHERE scan_id = ? ORDER BY layer, sae", scan_id)

@@ -20,15 +20,9 @@ import json
 from pathlib import Path
 
 from famfind.db import table_exists
-from famfind.reports import scan_saes, sections
+from famfind.reports import rows as _rows, scan_saes, sections
 
 TEMPLATES = Path(__file__).parent / "templates"
-
-
-def _rows(con, sql: str, *args) -> list[dict]:
-    cur = con.execute(sql, list(args))
-    cols = [d[0] for d in cur.description]
-    return [dict(zip(cols, r)) for r in cur.fetchall()]
 
 
 def report_data(con, scan_id: int, max_features: int | None = None, sae: str | None = None) -> dict:
@@ -131,10 +125,9 @@ def render_html(con, scan_id: int, out: str | Path, max_features: int | None = N
                 sae: str | None = None) -> list[Path]:
     """Write the report of ``scan_id``: one self-contained page per SAE (:func:`page_paths`;
     ``sae``: that SAE's page only, at ``out``), each linking the others. Returns the paths."""
-    saes = [u["sae"] for u in scan_saes(con, scan_id)]
-    pages = {sae: Path(out)} if sae is not None else page_paths(out, saes)
-    links = page_paths(out, saes) if sae is None else {}
     layers = {u["sae"]: u["layer"] for u in scan_saes(con, scan_id)}
+    links = page_paths(out, list(layers)) if sae is None else {}
+    pages = links or {sae: Path(out)}
     page_t = (TEMPLATES / "report.html").read_text()
     page_t = page_t.replace("/*__CSS__*/", (TEMPLATES / "report.css").read_text())
     page_t = page_t.replace("/*__JS__*/", (TEMPLATES / "report.js").read_text())
