@@ -14,13 +14,42 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from famfind.errors import FamfindError
+from famfind.errors import FamfindError, Interrupted
 from famfind.llm import LLMConfig
 
-app = typer.Typer(help="Find and quantify feature families in attention-output (hook_z) SAEs.",
+class _OneLineErrors(TyperGroup):
+    """The command group with usage errors as one line on stderr (``famfind: usage error:
+    ...``, naming the option), exit code 2, instead of click's boxed message."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except Exception as e:  # click's exceptions (typer may vendor its own click: match by class name)
+            kinds = {c.__name__ for c in type(e).__mro__}
+            if "NoArgsIsHelpError" in kinds:
+                typer.echo(e.ctx.get_help() if e.ctx else e.format_message())
+                sys.exit(2)
+            if "UsageError" in kinds:
+                cmd = f" {e.ctx.command_path}:" if getattr(e, "ctx", None) else ""
+                _line(f"famfind: usage error:{cmd} {e.format_message()} (see --help)")
+                sys.exit(2)
+            if "Abort" in kinds:
+                _line("famfind: aborted")
+                sys.exit(130)
+            if "ClickException" in kinds:
+                _line(f"famfind: error: {e.format_message()}")
+                sys.exit(e.exit_code)
+            raise
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(cls=_OneLineErrors, help="Find and quantify feature families in attention-output (hook_z) SAEs.",
                   context_settings={"help_option_names": ["-h", "--help"]}, no_args_is_help=True,
                   pretty_exceptions_enable=False)
 heur_app = typer.Typer(help="Installed detectors (heuristics).", no_args_is_help=True,
@@ -67,10 +96,16 @@ def guarded(fn):
                 raise
             _line(f"famfind: error: {e}")
             raise typer.Exit(1) from None
+        except Interrupted as e:
+            _line(f"famfind: interrupted; {e}")
+            raise typer.Exit(130) from None
         except KeyboardInterrupt:
-            _line("famfind: interrupted; nothing was written")
-            raise typer.Exit(1) from None
+            _line("famfind: interrupted")
+            raise typer.Exit(130) from None
         except Exception as e:
+            if type(e).__name__ == "InterruptException":  # DuckDB turned Ctrl-C into a query error
+                _line("famfind: interrupted")
+                raise typer.Exit(130) from None
             if _state["debug"]:
                 raise
             msg = str(e).splitlines()[0] if str(e) else ""
@@ -96,18 +131,29 @@ def _progress_factory(progress: Progress):
 
 
 def _read_config(path: Optional[Path]) -> dict:
+    """A ``--config`` TOML file, checked against :class:`famfind.validation.ConfigFile` and its
+    ``[scan]`` table against :class:`famfind.scan.ScanConfig` (errors name the file)."""
+    from famfind.scan import ScanConfig
+    from famfind.validation import ConfigFile, validated
+
     if path is None:
         return {}
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise FamfindError(path, "config file not found") from None
+    except (UnicodeDecodeError, IsADirectoryError):
+        raise FamfindError(path, "not a UTF-8 text file") from None
     except tomllib.TOMLDecodeError as e:
         raise FamfindError(path, f"not valid TOML ({e})") from None
     unknown = sorted(set(data) - {"scan", "detectors"})
     if unknown:
         raise FamfindError(path, f"unknown section [{unknown[0]}]; known: [scan], [detectors.<id>]")
-    return data
+    if not isinstance(data.get("scan", {}), dict):
+        raise FamfindError(path, f"'scan' must be a table ([scan]), got {type(data['scan']).__name__}")
+    cfg = validated(ConfigFile, data, path)
+    ScanConfig.from_dict(dict(cfg.scan), str(path), "[scan] ")
+    return cfg.model_dump()
 
 
 @app.command()
@@ -128,10 +174,13 @@ def scan(
     set_: Annotated[Optional[list[str]], typer.Option(
         "--set", help="A detector option, DETECTOR.KEY=VALUE (repeatable; wins over --config), e.g. "
         "--set induction_selection.selection_threshold=0.7.")] = None,
-    max_tokens: Annotated[Optional[int], typer.Option(help="Use only the first N corpus tokens.")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N corpus tokens.")] = None,
     config: Annotated[Optional[Path], typer.Option(help="TOML with [scan] keys and [detectors.<id>] options.")] = None,
     strict_plugins: Annotated[bool, typer.Option(help="A failing plugin stops the scan.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No report, only the scan id.")] = False,
+    lock_timeout: Annotated[float, typer.Option(min=0, help="Seconds to wait for the database when another "
+                                                "process holds it at the end of the scan; then the scan is saved "
+                                                "beside it for `famfind import`.")] = 60.0,
     label: Annotated[bool, typer.Option("--label", help="After the scan, label every family and cluster "
                                         "with an LLM (see `famfind label`).", rich_help_panel=LLM_PANEL)] = False,
     llm_base_url: BaseUrlOpt = None,
@@ -151,7 +200,7 @@ def scan(
     Example: famfind scan --set head_roles.induction_head_threshold=0.3 --select induction_selection
     Example: famfind scan --label --llm-base-url http://127.0.0.1:8000/v1 --llm-model qwen2.5-7b
     """
-    from famfind.db import connect, write_scan
+    from famfind.db import check_writable, connect, write_scan
     from famfind.scan import ScanConfig, run_scan
     from famfind.reports.terminal import render
 
@@ -171,26 +220,51 @@ def scan(
     base.update({k: v for k, v in cli.items() if v not in (None, ())})
     from famfind.plugins import default_registry
 
-    reg = default_registry(base.get("plugins", ()), bool(base.get("strict_plugins", False)))
-    for e in reg.errors:
-        _line(f"famfind: warning: plugin {e.origin} failed to load: {e.error}")
     scan_cfg = ScanConfig.from_dict({**base, "sae": base.get("sae") or (), "detector_options": det_opts})
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True, disable=quiet) as progress:
-        result = run_scan(scan_cfg, reg, _progress_factory(progress),
-                          log=lambda m: _line(f"famfind: {m}"))
-    scan_id = write_scan(db, result)
-    if label:
-        _label(db, scan_id, llm_cfg, feats, quiet)
-    if quiet:
-        typer.echo(scan_id)
-        return
-    con = connect(db, read_only=True)
+    check_writable(db)  # a locked or unwritable database fails now, not after the scan
+    reg = default_registry(scan_cfg.plugins, scan_cfg.strict_plugins)
+    for e in reg.errors:
+        _line(f"famfind: warning: plugin {e.origin} failed to load and was skipped: {e.error}")
     try:
-        render(con, scan_id, Console())
-    finally:
-        con.close()
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err, transient=True, disable=quiet) as progress:
+            result = run_scan(scan_cfg, reg, _progress_factory(progress),
+                              log=lambda m: _line(f"famfind: {m}"))
+    except KeyboardInterrupt:
+        raise Interrupted("nothing was written") from None
+    scan_id = write_scan(db, result, lock_timeout)
+    try:
+        if label:
+            _label(db, scan_id, llm_cfg, feats, quiet)
+        if quiet:
+            typer.echo(scan_id)
+            return
+        con = connect(db, read_only=True)
+        try:
+            render(con, scan_id, Console())
+        finally:
+            con.close()
+    except KeyboardInterrupt:
+        raise Interrupted(f"scan {scan_id} was written to {db}") from None
     _line(f"famfind: wrote scan {scan_id} to {db}")
+
+
+@app.command("import")
+@guarded
+def import_(
+    folder: Annotated[Path, typer.Argument(help="A scan saved beside a locked database (DB.pending-...).")],
+    db: DbOpt = Path("famfind.duckdb"),
+    lock_timeout: Annotated[float, typer.Option(min=0, help="Seconds to wait for a locked database.")] = 60.0,
+):
+    """Store a scan that `famfind scan` saved beside a database it could not write (another
+    process held it past --lock-timeout): the scan's Parquet files and table declarations.
+
+    Example: famfind import famfind.duckdb.pending-20261122-101500-4242 --db famfind.duckdb
+    """
+    from famfind.db import import_pending
+
+    sid = import_pending(folder, db, lock_timeout)
+    _line(f"famfind: imported {folder} as scan {sid} in {db}")
 
 
 def _parse_set(spec: str) -> tuple[str, str, str]:
@@ -318,10 +392,13 @@ def sql(
         w.writerows(rows)
     else:
         from rich.table import Table
+        from rich.text import Text
 
-        t = Table(*cols)
+        t = Table()  # stored text (and column names) printed literally, never as markup
+        for c in cols:
+            t.add_column(Text(c))
         for r in rows:
-            t.add_row(*["NULL" if v is None else str(v) for v in r])
+            t.add_row(*[Text("NULL" if v is None else str(v)) for v in r])
         Console().print(t)
 
 

@@ -70,7 +70,10 @@ def _read_texts(p: Path) -> list[str]:
         import duckdb
 
         try:
-            rows = duckdb.sql(f"SELECT text FROM read_parquet('{p.as_posix()}')").fetchall()
+            rel = duckdb.read_parquet(p.as_posix()).select("text")
+            if str(rel.types[0]) != "VARCHAR":
+                raise FamfindError(p, f"column 'text' has type {rel.types[0]}, expected strings (VARCHAR)")
+            rows = rel.fetchall()
         except duckdb.Error as e:
             raise FamfindError(p, f"cannot read a 'text' column ({str(e).splitlines()[0]})") from None
         return [r[0] for r in rows if r[0]]
@@ -91,25 +94,46 @@ def tokenize_texts(texts: list[str], tokenizer) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
+def _read_npy_tokens(p: Path) -> np.ndarray:
+    """A ``.npy`` token array as ``int64 [n_tokens]``. Integer arrays are taken as they are;
+    a float array only when every value is a whole number (a cast would cut 3.7 to 3)."""
+    try:
+        a = np.load(p, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise FamfindError(p, f"not a readable .npy token array ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(a, np.ndarray):
+        raise FamfindError(p, "not a .npy array (an .npz archive?)")
+    if np.issubdtype(a.dtype, np.floating):
+        bad = int((~np.isfinite(a) | (a != np.round(a))).sum())
+        if bad:
+            raise FamfindError(p, f"token ids must be integers; {bad} of {a.size} {a.dtype} values are not whole "
+                               "numbers")
+    elif not np.issubdtype(a.dtype, np.integer):
+        raise FamfindError(p, f"token ids must be integers, got dtype {a.dtype}")
+    return a.astype(np.int64).reshape(-1)
+
+
 def load_corpus(path: str | Path | None, tokenizer, seq_len: int, max_tokens: int | None = None,
                 d_vocab: int | None = None) -> TokenCorpus:
     """Read, tokenise and window a corpus (``None``: the shipped eval tokens).
 
-    Raises ``FamfindError`` naming the file for a missing or unreadable input, token ids
-    outside ``[0, d_vocab)``, or fewer tokens than one ``seq_len`` window.
+    Raises ``FamfindError`` naming the file for a missing or unreadable input, token ids that
+    are not integers (a float ``.npy`` is read only when every value is whole) or lie outside
+    ``[0, d_vocab)``, or fewer tokens than one ``seq_len`` window; naming ``max_tokens``
+    when it is below 1.
     """
     p = Path(path) if path is not None else default_dir() / "eval_tokens.npy"
     if not p.exists():
         raise FamfindError(p, "file not found")
+    if max_tokens is not None and max_tokens < 1:
+        raise FamfindError("max_tokens", f"must be a positive number of tokens, got {max_tokens}")
     if p.suffix == ".npy":
-        try:
-            stream = np.load(p).astype(np.int64).reshape(-1)
-        except (ValueError, OSError) as e:
-            raise FamfindError(p, f"not a readable .npy token array ({e})") from None
+        stream = _read_npy_tokens(p)
     else:
+        texts = _read_texts(p)  # the file's own problems first
         if tokenizer is None:
             raise FamfindError(p, "text corpus given but the model has no tokenizer")
-        stream = tokenize_texts(_read_texts(p), tokenizer)
+        stream = tokenize_texts(texts, tokenizer)
     if max_tokens is not None:
         stream = stream[:max_tokens]
     n_seq = stream.size // seq_len

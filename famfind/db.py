@@ -12,6 +12,12 @@ write leaves no rows. ``famfind tables`` lists every declared table.
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import threading
+import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -20,8 +26,8 @@ import numpy as np
 import polars as pl
 
 import famfind
-from famfind.errors import FamfindError
-from famfind.schema import CORE, SCANS, Table
+from famfind.errors import DatabaseLocked, FamfindError, Interrupted
+from famfind.schema import CORE, SCANS, Table, View
 
 CORE_BY_NAME = {t.name: t for t in CORE}
 
@@ -122,7 +128,12 @@ def _open(p: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
     try:
         return duckdb.connect(str(p), read_only=read_only)
     except (duckdb.Error, OSError) as e:
-        raise FamfindError(p, f"cannot open as a DuckDB database ({str(e).splitlines()[0][:160]})") from None
+        msg = str(e).splitlines()[0]
+        if "Could not set lock" in msg:
+            pid = re.search(r"\(PID (\d+)\)", msg)
+            raise DatabaseLocked(p, "locked by another process" + (f" (PID {pid.group(1)})" if pid else "") +
+                                 ": DuckDB allows one writer at a time") from None
+        raise FamfindError(p, f"cannot open as a DuckDB database ({msg[:160]})") from None
 
 
 class transaction:
@@ -338,32 +349,148 @@ def scan_frames(result) -> dict[str, pl.DataFrame]:
     return {name: pl.concat(dfs, how="diagonal_relaxed") if len(dfs) > 1 else dfs[0] for name, dfs in frames.items()}
 
 
-def write_scan(db_path: str | Path, result) -> int:
+def write_scan(db_path: str | Path, result, lock_timeout: float = 0.0) -> int:
     """Store a scan in one transaction; returns its ``scan_id``.
 
-    The file is upgraded to :data:`SCHEMA_VERSION` and the tables created or extended from
-    their declarations (core tables and those of the scan's detectors) in the same
-    transaction. On any error it is rolled back (and a database file this call created is
-    removed), so no partial rows remain. Raises ``FamfindError`` naming the file.
+    Everything is computed (:func:`scan_frames`) before the database is touched; then
+    :func:`write_frames` stores it. Raises ``FamfindError`` naming the file,
+    :class:`~famfind.errors.Interrupted` on Ctrl-C (saying whether the scan was stored).
     """
+    tables, views = scan_declarations(result)
+    return write_frames(db_path, scan_frames(result), tables, views, lock_timeout)
+
+
+def scan_declarations(result) -> tuple[list[Table], list[View]]:
+    """The tables (core, and those of the detectors that ran, as stored) and views a scan
+    writes."""
     from famfind.plugins import stored_tables
 
-    p = Path(db_path)
-    existed = p.exists()
-    frames = scan_frames(result)  # everything computed before the database is touched
     ran = {r.id: result.registry.get(r.id).cls for r in result.runs}.values()
     tables = {t.name: t for t in (*CORE, *(t for c in ran for t in stored_tables(c)))}
-    views = list({v.name: v for c in ran for v in c.views}.values())
+    return list(tables.values()), list({v.name: v for c in ran for v in c.views}.values())
+
+
+def check_writable(db_path: str | Path) -> None:
+    """Fail fast, before a scan computes anything, when its result could not be stored: the
+    database is locked by another writer, is not a DuckDB file, was written by a newer
+    famfind, or (a new file) its folder does not exist or cannot be written. Raises
+    ``FamfindError`` (:class:`~famfind.errors.DatabaseLocked` for a lock) naming the file."""
+    p = Path(db_path)
+    if p.exists():
+        con = _open(p, False)
+        try:
+            version = schema_version(con)
+        finally:
+            con.close()
+        if version > SCHEMA_VERSION:
+            raise FamfindError(p, f"written by a newer famfind (schema version {version}; this famfind "
+                               f"{famfind.__version__} reads up to {SCHEMA_VERSION}): upgrade famfind")
+        return
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise FamfindError(p, f"folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise FamfindError(p, f"folder {parent} is not writable")
+
+
+def write_frames(db_path: str | Path, frames: dict[str, pl.DataFrame], tables: list[Table], views: list[View],
+                 lock_timeout: float = 0.0, save_if_locked: bool = True) -> int:
+    """Store one scan's rows (``frames``: table name -> rows without ``scan_id``) in one
+    transaction under a new ``scan_id``; returns it.
+
+    The file is upgraded to :data:`SCHEMA_VERSION` and the declared ``tables`` created or
+    extended in the same transaction. A new database file is built beside its path and
+    appears there only once the scan is committed in it (a killed scan leaves no file at the
+    path). While the file is locked by another writer, it retries for ``lock_timeout``
+    seconds; then (``save_if_locked``) the rows are saved beside the database
+    (:func:`save_pending`) and the ``FamfindError`` says how to import them. Ctrl-C during
+    the write is held until the transaction ends: before the commit it rolls back and raises
+    :class:`~famfind.errors.Interrupted` ("nothing was written"); after it, ``Interrupted``
+    names the stored scan. Any other error rolls back. Raises ``FamfindError`` naming the file.
+    """
+    p = Path(db_path)
+    deadline = time.monotonic() + lock_timeout
+    while True:
+        try:
+            return _write_once(p, frames, tables, views)
+        except DatabaseLocked as e:
+            if time.monotonic() < deadline:
+                time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+                continue
+            if not save_if_locked:
+                raise
+            d = save_pending(p, frames, tables, views)
+            raise FamfindError(p, f"{e.problem}; still locked after {lock_timeout:g} s, so the scan was saved to "
+                               f"{d} (import it with: famfind import {d} --db {p})") from None
+
+
+@contextmanager
+def _sigint_held():
+    """Hold Ctrl-C (SIGINT) while a write runs; yields a function that says whether one came.
+    Only the main thread can install a handler; elsewhere nothing is held."""
+    hits: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    old = signal.signal(signal.SIGINT, lambda sig, frame: hits.append(sig))
     try:
-        con = connect(p)
-    except BaseException:
-        if not existed:
-            _remove(p)
-        raise
+        yield lambda: bool(hits)
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def _temp_path(p: Path, pid: int) -> Path:
+    return p.with_name(f".{p.name}.{pid}.famfind-tmp")
+
+
+def _remove_stale_temps(p: Path) -> None:
+    """Remove temp files of scans that were killed while building a new database at ``p``."""
+    for q in p.parent.glob(f".{p.name}.*.famfind-tmp"):
+        try:
+            pid = int(q.name.rsplit(".", 2)[-2])
+            os.kill(pid, 0)  # still running: leave it
+        except (ValueError, ProcessLookupError):
+            _remove(q)
+        except PermissionError:
+            pass
+
+
+def _write_once(p: Path, frames, tables, views) -> int:
+    with _sigint_held() as interrupted:
+        if p.exists():
+            scan_id = _insert(p, frames, tables, views, interrupted)
+        else:
+            _remove_stale_temps(p)
+            tmp = _temp_path(p, os.getpid())
+            _remove(tmp)
+            try:
+                scan_id = _insert(tmp, frames, tables, views, interrupted)
+                if interrupted():
+                    raise Interrupted("nothing was written")
+                try:
+                    os.link(tmp, p)  # atomic, and never replaces a database another scan created meanwhile
+                except FileExistsError:
+                    scan_id = None
+                except OSError:  # a file system without hard links
+                    if p.exists():
+                        scan_id = None
+                    else:
+                        os.replace(tmp, p)
+            finally:
+                _remove(tmp)
+            if scan_id is None:  # another scan created the file first: add this scan to it
+                scan_id = _insert(p, frames, tables, views, interrupted)
+        if interrupted():
+            raise Interrupted(f"scan {scan_id} was written to {p}")
+    return scan_id
+
+
+def _insert(p: Path, frames, tables, views, interrupted) -> int:
+    con = connect(p)
     try:
         with transaction(con, p, "write the scan"):
             migrate(con)
-            for t in tables.values():
+            for t in tables:
                 ensure_table(con, t)
             scan_id = con.execute("SELECT coalesce(max(scan_id), 0) + 1 FROM scans").fetchall()[0][0]
             for name, df in frames.items():
@@ -374,17 +501,62 @@ def write_scan(db_path: str | Path, result) -> int:
             for v in views:
                 if all(table_exists(con, t) for t in v.needs):
                     con.execute(f"CREATE OR REPLACE VIEW {v.name} AS {v.sql}")
+            if interrupted():
+                raise Interrupted("nothing was written")
         return int(scan_id)
-    except BaseException:
-        con.close()
-        if not existed:
-            _remove(p)
-        raise
     finally:
         try:
             con.close()
         except duckdb.Error:
             pass
+
+
+PENDING_MANIFEST = "famfind_scan.json"
+
+
+def save_pending(p: Path, frames: dict[str, pl.DataFrame], tables: list[Table], views: list[View]) -> Path:
+    """Save a scan that could not be stored in ``p`` beside it, as ``<p>.pending-<time>/``: one
+    Parquet file per table and :data:`PENDING_MANIFEST` (the table declarations and views);
+    ``famfind import`` (:func:`import_pending`) stores it later. Returns the folder."""
+    d = p.with_name(f"{p.name}.pending-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    d.mkdir()
+    for name, df in frames.items():
+        df.write_parquet(d / f"{name}.parquet")
+    manifest = {"famfind_version": famfind.__version__, "schema_version": SCHEMA_VERSION,
+                "tables": [{"name": t.name, "doc": t.doc, "per_scan": t.per_scan, "primary_key": t.primary_key,
+                            "columns": [[c.name, c.type, c.doc] for c in t.columns]} for t in tables],
+                "views": [{"name": v.name, "sql": v.sql, "doc": v.doc, "needs": list(v.needs)} for v in views],
+                "frames": sorted(frames)}
+    (d / PENDING_MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return d
+
+
+def import_pending(folder: str | Path, db_path: str | Path, lock_timeout: float = 0.0) -> int:
+    """Store a scan saved by :func:`save_pending` in ``db_path`` (one transaction, a new
+    ``scan_id``); returns it. Raises ``FamfindError`` naming the folder when it is not such
+    a save, and as :func:`write_frames` does."""
+    from famfind.schema import Column
+
+    d = Path(folder)
+    mpath = d / PENDING_MANIFEST
+    if not mpath.is_file():
+        raise FamfindError(d, f"not a saved famfind scan (no {PENDING_MANIFEST})")
+    try:
+        m = json.loads(mpath.read_text())
+        if m["schema_version"] > SCHEMA_VERSION:
+            raise FamfindError(d, f"saved by a newer famfind (schema version {m['schema_version']}): upgrade famfind")
+        tables = [Table(t["name"], tuple(Column(*c) for c in t["columns"]), t["doc"], t["per_scan"],
+                        t["primary_key"]) for t in m["tables"]]
+        views = [View(v["name"], v["sql"], v["doc"], tuple(v["needs"])) for v in m["views"]]
+        names = {t.name for t in tables}
+        frames = {}
+        for name in m["frames"]:
+            if name not in names:
+                raise FamfindError(d, f"table {name!r} has rows but no declaration in {PENDING_MANIFEST}")
+            frames[name] = pl.read_parquet(d / f"{name}.parquet")
+    except (KeyError, TypeError, ValueError, OSError, pl.exceptions.PolarsError) as e:
+        raise FamfindError(d, f"unreadable saved scan ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    return write_frames(db_path, frames, tables, views, lock_timeout, save_if_locked=False)
 
 
 def _remove(p: Path) -> None:

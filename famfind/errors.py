@@ -12,3 +12,12 @@ class FamfindError(Exception):
     def __init__(self, where: str, problem: str):
         self.where, self.problem = str(where), problem
         super().__init__(f"{where}: {problem}")
+
+
+class DatabaseLocked(FamfindError):
+    """The DuckDB file is held by another process (DuckDB allows one writer per file)."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C, reported truthfully: the message says what was and was not written. The CLI
+    prints ``famfind: interrupted; <message>`` and exits 130."""

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from famfind.errors import FamfindError
+from famfind.validation import GPT2Config, validated
 
 Ablation = dict[tuple[int, int], torch.Tensor]  # (layer, head) -> value [d_head] written into hook_z
 
@@ -124,7 +125,10 @@ class HFTokenizer:
     def __init__(self, path: Path):
         from tokenizers import Tokenizer as _T
 
-        self._tok = _T.from_file(str(path))
+        try:
+            self._tok = _T.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+            raise FamfindError(path, f"not a valid tokenizers file ({str(e).splitlines()[0][:120]})") from None
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids
@@ -158,6 +162,35 @@ _ACTS = {"gelu_new": _gelu_new, "gelu": F.gelu, "relu": F.relu,
          "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
+def _check_gpt2_weights(sd: dict[str, torch.Tensor], c: ModelConfig, d_mlp: int, wfile: Path) -> None:
+    """Every tensor the runner reads is in ``sd`` (keys without ``transformer.``) with the
+    shape ``config.json`` implies, floating point and finite; raises ``FamfindError`` naming
+    ``wfile``, the tensor and the problem."""
+    d = c.d_model
+    want = {"wte.weight": (c.d_vocab, d), "wpe.weight": (c.n_ctx, d), "ln_f.weight": (d,), "ln_f.bias": (d,)}
+    for i in range(c.n_layers):
+        for name, shape in (("ln_1.weight", (d,)), ("ln_1.bias", (d,)), ("ln_2.weight", (d,)), ("ln_2.bias", (d,)),
+                            ("attn.c_attn.weight", (d, 3 * d)), ("attn.c_attn.bias", (3 * d,)),
+                            ("attn.c_proj.weight", (d, d)), ("attn.c_proj.bias", (d,)),
+                            ("mlp.c_fc.weight", (d, d_mlp)), ("mlp.c_fc.bias", (d_mlp,)),
+                            ("mlp.c_proj.weight", (d_mlp, d)), ("mlp.c_proj.bias", (d,))):
+            want[f"h.{i}.{name}"] = shape
+    if "lm_head.weight" in sd:
+        want["lm_head.weight"] = (c.d_vocab, d)
+    for name, shape in want.items():
+        t = sd.get(name)
+        if t is None:
+            raise FamfindError(wfile, f"missing tensor {name!r} (config.json says n_layer={c.n_layers})")
+        if tuple(t.shape) != shape:
+            raise FamfindError(wfile, f"tensor {name!r} has shape {list(t.shape)} but config.json implies "
+                               f"{list(shape)} (n_embd={d}, vocab_size={c.d_vocab}, n_positions={c.n_ctx})")
+        if not t.is_floating_point():
+            raise FamfindError(wfile, f"tensor {name!r} has dtype {t.dtype}, expected floating point")
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise FamfindError(wfile, f"tensor {name!r} has {bad} non-finite values (NaN or Inf)")
+
+
 class HFGPT2Model:
     """A local HF GPT-2-architecture checkpoint, run layer by layer (see module doc).
 
@@ -169,27 +202,35 @@ class HFGPT2Model:
         from safetensors.torch import load_file
 
         p = Path(path)
-        cfg = json.loads((p / "config.json").read_text()) if (p / "config.json").exists() else None
-        if cfg is None:
+        cpath = p / "config.json"
+        if not cpath.exists():
             raise FamfindError(p, "no config.json: not a Hugging Face checkpoint directory")
-        if cfg.get("model_type") != "gpt2":
-            raise FamfindError(p / "config.json", f"model_type {cfg.get('model_type')!r} is not supported "
+        try:
+            raw = json.loads(cpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise FamfindError(cpath, f"not valid JSON ({e})") from None
+        if isinstance(raw, dict) and raw.get("model_type") != "gpt2":
+            raise FamfindError(cpath, f"model_type {raw.get('model_type')!r} is not supported "
                                "by the built-in runner; pass a TransformerLens model name instead")
+        cfg = validated(GPT2Config, raw, cpath)
         wfile = p / "model.safetensors"
         if not wfile.exists():
             raise FamfindError(wfile, "file not found")
-        sd = {k.removeprefix("transformer."): v.to(device=device, dtype=torch.float32)
-              for k, v in load_file(str(wfile)).items()}
-        self.sd = sd
-        d_model, n_heads = cfg["n_embd"], cfg["n_head"]
-        if "wte.weight" not in sd:
-            raise FamfindError(wfile, "missing tensor 'transformer.wte.weight'")
-        self.cfg = ModelConfig(name=str(p), n_layers=cfg["n_layer"], n_heads=n_heads,
-                               d_head=d_model // n_heads, d_model=d_model, d_vocab=cfg["vocab_size"],
-                               n_ctx=cfg["n_positions"])
-        self.eps = cfg.get("layer_norm_epsilon", 1e-5)
-        self.act = _ACTS[cfg.get("activation_function", "gelu_new")]
-        self.tokenizer = HFTokenizer(p / "tokenizer.json") if (p / "tokenizer.json").exists() else None
+        try:
+            loaded = load_file(str(wfile))
+        except Exception as e:  # safetensors raises its own error types for a corrupt file
+            raise FamfindError(wfile, f"not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
+        sd = {k.removeprefix("transformer."): v for k, v in loaded.items()}
+        d_model, n_heads = cfg.n_embd, cfg.n_head
+        self.cfg = ModelConfig(name=str(p), n_layers=cfg.n_layer, n_heads=n_heads,
+                               d_head=d_model // n_heads, d_model=d_model, d_vocab=cfg.vocab_size,
+                               n_ctx=cfg.n_positions)
+        _check_gpt2_weights(sd, self.cfg, raw.get("n_inner") or 4 * d_model, wfile)
+        self.sd = {k: v.to(device=device, dtype=torch.float32) for k, v in sd.items()}
+        self.eps = cfg.layer_norm_epsilon
+        self.act = _ACTS[cfg.activation_function]
+        tpath = p / "tokenizer.json"
+        self.tokenizer = HFTokenizer(tpath) if tpath.exists() else None
         self.path = p
 
     # --- weights, TransformerLens shapes -------------------------------------------------

@@ -481,10 +481,16 @@ class Registry:
         found = [c for c in vars(mod).values()
                  if inspect.isclass(c) and issubclass(c, Heuristic) and c is not Heuristic
                  and c.__module__ == name and not inspect.isabstract(c)]
-        if not found:
-            raise FamfindError(p, "defines no famfind.plugins.Heuristic subclass")
-        for c in found:
-            self.register(c, str(p))
+        try:
+            if not found:
+                raise FamfindError(p, "defines no famfind.plugins.Heuristic subclass")
+            for c in found:
+                self.register(c, str(p))
+        except FamfindError as e:
+            if strict:
+                raise
+            self.errors.append(LoadError(str(p), str(e)))
+            return []
         return [c.id for c in found]
 
 
@@ -500,11 +506,15 @@ def _short(e: BaseException) -> str:
 
 
 def default_registry(plugin_files: list[str | Path] = (), strict: bool = False) -> Registry:
-    """Registry with all installed entry points plus the given local plugin files."""
+    """Registry with all installed entry points plus the given local plugin files. A plugin
+    that cannot be loaded (an entry point or a file that fails to import, defines no
+    detector, or declares a bad one) is recorded in ``reg.errors`` and skipped; with
+    ``strict`` it raises ``FamfindError`` naming it. A plugin file that does not exist is
+    always an error."""
     reg = Registry()
     reg.load_entry_points(strict=strict)
     for f in plugin_files:
-        reg.load_file(f, strict=True)
+        reg.load_file(f, strict=strict)
     return reg
 
 

@@ -26,6 +26,7 @@ from typing import Protocol
 import torch
 
 from famfind.errors import FamfindError
+from famfind.validation import KissaneCfg, SAELensCfg, validated
 
 SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
@@ -97,13 +98,27 @@ class SAE:
         return acts @ self.W_dec + self.b_dec
 
     def validate(self) -> None:
-        """Check shapes, architecture and hook; raises ``FamfindError`` naming ``path``."""
+        """Check shapes, dtypes, finiteness, architecture and hook; raises ``FamfindError``
+        naming ``path`` (a weight tensor with NaN or Inf entries is refused with its count)."""
+        if self.W_enc.ndim != 2:
+            raise FamfindError(self.path, f"W_enc has shape {list(self.W_enc.shape)}, expected [d_in, d_sae]")
         d_in, d_sae = self.W_enc.shape
         for name, shape in (("W_dec", (d_sae, d_in)), ("b_enc", (d_sae,)), ("b_dec", (d_in,))):
             got = tuple(getattr(self, name).shape)
             if got != shape:
                 raise FamfindError(self.path, f"{name} has shape {list(got)}, expected {list(shape)} "
                                    f"from W_enc {[d_in, d_sae]}")
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"):
+            t = getattr(self, name)
+            if t is None:
+                continue
+            if not t.is_floating_point():
+                raise FamfindError(self.path, f"{name} has dtype {t.dtype}, expected a floating-point tensor")
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise FamfindError(self.path, f"{name} has {bad} non-finite values (NaN or Inf) of {t.numel()}")
+        if self.architecture == "topk" and self.k and self.k > d_sae:
+            raise FamfindError(self.cfg_path or self.path, f"k={self.k} exceeds d_sae={d_sae}")
         if self.architecture not in ARCHITECTURES:
             raise FamfindError(self.cfg_path or self.path, f"unknown architecture {self.architecture!r}; "
                                f"known: {', '.join(ARCHITECTURES)}")
@@ -152,27 +167,23 @@ def _need(d: dict, key: str, where: Path, what: str = "key"):
     return d[key]
 
 
-def _from_saelens(cfg: dict, weights: dict[str, torch.Tensor], cfg_path: Path, w_path: Path) -> SAE:
-    meta = cfg.get("metadata") or {}
-    hook = meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")
-    if not hook:
+def _from_saelens(cfg, weights: dict[str, torch.Tensor], cfg_path: Path, w_path: Path) -> SAE:
+    c = validated(SAELensCfg, cfg, cfg_path)
+    if not c.hook:
         raise FamfindError(cfg_path, "missing key 'metadata.hook_name' (or 'hook_name')")
-    arch = cfg.get("architecture", "standard")
-    if arch == "jumprelu" and "threshold" not in weights and "log_threshold" in weights:
+    if c.architecture == "jumprelu" and "threshold" not in weights and "log_threshold" in weights:
         weights["threshold"] = weights["log_threshold"].exp()
     sae = SAE(
         W_enc=_need(weights, "W_enc", w_path, "tensor"), W_dec=_need(weights, "W_dec", w_path, "tensor"),
         b_enc=_need(weights, "b_enc", w_path, "tensor"), b_dec=_need(weights, "b_dec", w_path, "tensor"),
-        hook_name=hook, architecture=arch, apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
-        k=cfg.get("k"), threshold=weights.get("threshold"),
-        model_name=meta.get("model_name") or cfg.get("model_name"), path=str(w_path), cfg=cfg,
+        hook_name=c.hook, architecture=c.architecture, apply_b_dec_to_input=c.apply_b_dec_to_input,
+        k=c.k, threshold=weights.get("threshold"), model_name=c.model, path=str(w_path), cfg=cfg,
         cfg_path=str(cfg_path),
     )
-    for key, val in (("d_in", sae.d_in), ("d_sae", sae.d_sae)):
-        if key in cfg and int(cfg[key]) != val:
-            raise FamfindError(w_path, f"W_enc has {key}={val} but {cfg_path.name} says {cfg[key]}")
-    if cfg.get("reshape_activations", "hook_z") not in ("hook_z", "none"):
-        raise FamfindError(cfg_path, f"unsupported reshape_activations {cfg['reshape_activations']!r}")
+    for key, want in (("d_in", c.d_in), ("d_sae", c.d_sae)):
+        got = getattr(sae, key) if sae.W_enc.ndim == 2 else None
+        if want is not None and got is not None and got != want:
+            raise FamfindError(w_path, f"W_enc has {key}={got} but {cfg_path.name} says {want}")
     return sae
 
 
@@ -219,24 +230,23 @@ class KissanePtLoader:
     def load(self, path: Path) -> SAE:
         cfg_path = path.with_name(path.stem + "_cfg.json")
         cfg = _read_json(cfg_path)
-        for key in ("act_size", "dict_size", "act_name", "layer"):
-            _need(cfg, key, cfg_path)
+        c = validated(KissaneCfg, cfg, cfg_path)
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise FamfindError(path, "file not found") from None
         except Exception as e:  # torch raises several types for a bad/unsafe pickle
             raise FamfindError(path, f"not a loadable weights-only torch file ({type(e).__name__})") from None
-        hook = cfg["act_name"]
+        hook = c.act_name
         if not hook.startswith("blocks."):  # Kissane cfgs store the short TL name, e.g. "z"
-            hook = f"blocks.{cfg['layer']}.attn.hook_{hook.split('hook_')[-1]}"
+            hook = f"blocks.{c.layer}.attn.hook_{hook.split('hook_')[-1]}"
         sae = SAE(W_enc=_need(sd, "W_enc", path, "tensor"), W_dec=_need(sd, "W_dec", path, "tensor"),
                   b_enc=_need(sd, "b_enc", path, "tensor"), b_dec=_need(sd, "b_dec", path, "tensor"),
-                  hook_name=hook, model_name=cfg.get("model_name"), path=str(path), cfg=cfg,
+                  hook_name=hook, model_name=c.model_name, path=str(path), cfg=cfg,
                   cfg_path=str(cfg_path))
-        if (sae.d_in, sae.d_sae) != (int(cfg["act_size"]), int(cfg["dict_size"])):
+        if sae.W_enc.ndim == 2 and (sae.d_in, sae.d_sae) != (c.act_size, c.dict_size):
             raise FamfindError(path, f"W_enc is {[sae.d_in, sae.d_sae]} but {cfg_path.name} says "
-                               f"act_size={cfg['act_size']}, dict_size={cfg['dict_size']}")
+                               f"act_size={c.act_size}, dict_size={c.dict_size}")
         return sae
 
 

@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
+import numpy as np
 import torch
+from pydantic import ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from famfind.activations import FeatureStats, PassState, activation_pass
 from famfind.corpus import default_dir, load_corpus
@@ -34,47 +38,58 @@ from famfind.model import AttnModel, load_model
 from famfind.plugins import (Detection, FamilyMember, HeadScore, Heuristic, Registry, Result, ScanContext,
                              Validation, default_registry, execution_order, selected_ids)
 from famfind.sae import SAE, file_sha256, load_sae, sae_paths
+from famfind.validation import StrictNonNegativeInt, StrictPositiveInt, first_error
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid", arbitrary_types_allowed=False))
 class ScanConfig:
-    """Everything a scan depends on; stored as JSON in the ``scans`` table."""
+    """Everything a scan depends on; stored as JSON in the ``scans`` table. Validated when
+    made (pydantic): counts are positive integers (strict: ``"5"`` and ``5.0`` are refused),
+    ``from_dict`` names the first bad key."""
 
-    sae: tuple[str, ...] = ()  # SAE paths or folders of SAE folders (none: the embedded default's)
+    sae: tuple[str, ...] | str = ()  # SAE paths or folders of SAE folders (none: the embedded default's)
     model: str | None = None
     corpus: str | None = None
-    seq_len: int = 128  # the context length gelu-2l's attention SAEs were trained on
-    max_tokens: int | None = None
-    batch_size: int = 32
-    top_k: int = 10
-    n_samples: int = 20  # uniformly sampled firing positions per feature (activation quantiles)
-    n_random: int = 256  # random corpus positions (non-activating contexts)
-    shards: int = 1  # sequence ranges the pass is split into and merged (the unit of a distributed pass)
+    seq_len: StrictPositiveInt = 128  # the context length gelu-2l's attention SAEs were trained on
+    max_tokens: StrictPositiveInt | None = None
+    batch_size: StrictPositiveInt = 32
+    top_k: StrictPositiveInt = 10
+    n_samples: StrictNonNegativeInt = 20  # uniformly sampled firing positions per feature (activation quantiles)
+    n_random: StrictNonNegativeInt = 256  # random corpus positions (non-activating contexts)
+    shards: StrictPositiveInt = 1  # sequence ranges the pass is split into and merged (the unit of a distributed pass)
     select: tuple[str, ...] = ()
     skip: tuple[str, ...] = ()
     plugins: tuple[str, ...] = ()
-    strict_plugins: bool = False
-    detector_options: dict = field(default_factory=dict)
-    seed: int = 0
+    strict_plugins: Annotated[bool, Field(strict=True)] = False
+    detector_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seed: Annotated[int, Field(strict=True)] = 0
     device: str = "cpu"
 
     def __post_init__(self):
-        if isinstance(self.sae, (str, Path)):  # one path
-            object.__setattr__(self, "sae", (str(self.sae),) if str(self.sae) else ())
-        else:
-            object.__setattr__(self, "sae", tuple(str(x) for x in self.sae))
+        if isinstance(self.sae, str):  # one path
+            object.__setattr__(self, "sae", (self.sae,) if self.sae else ())
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ScanConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+    def from_dict(cls, d: dict[str, Any], where: str = "scan config", prefix: str = "") -> "ScanConfig":
+        """A config from ``{key: value}`` (a TOML ``[scan]`` table, plus CLI values); raises
+        ``FamfindError(where, "<prefix><key>: <problem>")`` for an unknown key or a bad value."""
+        if not isinstance(d, dict):
+            raise FamfindError(where, f"{prefix}expected a table of keys, got {type(d).__name__}")
+        d = {k: tuple(str(x) for x in v) if isinstance(v, list) and k != "detector_options" else v
+             for k, v in d.items()}
+        if isinstance(d.get("sae"), Path):
+            d["sae"] = str(d["sae"])
+        names = sorted(f.name for f in dataclasses.fields(cls))
+        unknown = sorted(set(d) - set(names))
         if unknown:
-            raise FamfindError("scan config", f"unknown key {unknown[0]!r}; known: {', '.join(sorted(names))}")
-        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        return cls(**d)
+            raise FamfindError(where, f"{prefix}unknown key {unknown[0]!r}; known: {', '.join(names)}")
+        try:
+            return cls(**d)
+        except ValidationError as e:
+            raise FamfindError(where, first_error(e, prefix)) from None
 
 
 @dataclass
@@ -211,17 +226,49 @@ def check_result(det: Heuristic, out: Any) -> Result:
                         f"{want.__name__ if want else 'None'} (the detector's produces)")
     for name, typ in (("detections", Detection), ("head_scores", HeadScore), ("families", FamilyMember),
                       ("validation", Validation)):
-        bad = [x for x in getattr(out, name) if not isinstance(x, typ)]
+        rows = getattr(out, name)
+        if not isinstance(rows, list):
+            raise TypeError(f"Result.{name} is a {type(rows).__name__}, not a list")
+        bad = [x for x in rows if not isinstance(x, typ)]
         if bad:
             raise TypeError(f"Result.{name} holds a {type(bad[0]).__name__}, not {typ.__name__}")
+        for i, x in enumerate(rows):
+            _check_row(x, f"Result.{name}[{i}]")
+    if not isinstance(out.tables, dict):
+        raise TypeError(f"Result.tables is a {type(out.tables).__name__}, not a dict of table name -> DataFrame")
     for d in out.detections:
-        json.dumps(d.evidence)
+        try:
+            json.dumps(d.evidence)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"Result.detections: evidence of feature {d.feature} is not JSON ({e})") from None
     declared = {t.name: t for t in det.tables}
     for name, df in list(out.tables.items()):
         if name not in declared:
             raise TypeError(f"table {name!r} is not declared in the detector's tables")
         out.tables[name] = declared[name].conform(df, f"detector {det.id!r}")
     return out
+
+
+_FIELD_TYPES = {"int": (numbers.Integral,), "float": (numbers.Real,), "bool": (bool, np.bool_), "str": (str,),
+                "dict": (dict,)}
+
+
+def _check_row(row, where: str) -> None:
+    """Each field of a Result row dataclass holds a value of its annotated type (``int`` also
+    a numpy integer, ``float`` any real number, ``X | None`` also None, ``bool`` not an int):
+    else ``TypeError`` naming the field."""
+    for f in dataclasses.fields(row):
+        v = getattr(row, f.name)
+        ann = str(f.type).replace(" ", "")
+        optional = ann.endswith("|None")
+        base = ann.removesuffix("|None")
+        if v is None and optional:
+            continue
+        ok = _FIELD_TYPES.get(base)
+        if ok is None:
+            continue
+        if not isinstance(v, ok) or (base in ("int", "float") and isinstance(v, (bool, np.bool_))):
+            raise TypeError(f"{where}.{f.name} is {v!r} ({type(v).__name__}), not {base}")
 
 
 class _Runner:
@@ -362,23 +409,25 @@ def run_scan(config: ScanConfig, registry: Registry | None = None,
     """
     t0 = time.time()
     torch.manual_seed(config.seed)
-    loaded, spec = load_saes(config.sae, config.model, config.device)
-    model = load_model(spec, config.device)
-    for _, _, sae in loaded:
-        check_compatible(sae, model)
-    corpus = load_corpus(config.corpus, model.tokenizer, config.seq_len, config.max_tokens, model.cfg.d_vocab)
     reg = registry or default_registry(config.plugins, config.strict_plugins)
-    ids = selected_ids(reg, config.select, config.skip)
+    ids = selected_ids(reg, config.select, config.skip)  # a bad selection fails before anything loads
     order = execution_order(reg, ids)
     unknown_opts = sorted(set(config.detector_options) - set(ids))
     if unknown_opts:
         raise FamfindError("detector options", f"no selected detector {unknown_opts[0]!r}; "
                            f"selected: {', '.join(sorted(ids))}")
+    options = {h: reg.get(h).cls.Options.from_dict(config.detector_options.get(h, {}), h) for h in order}
+    loaded, spec = load_saes(config.sae, config.model, config.device)
+    model = load_model(spec, config.device)
+    for _, _, sae in loaded:
+        check_compatible(sae, model)
+    if config.seq_len > model.cfg.n_ctx:
+        raise FamfindError("seq_len", f"{config.seq_len} exceeds the model's context length n_ctx={model.cfg.n_ctx}")
+    corpus = load_corpus(config.corpus, model.tokenizer, config.seq_len, config.max_tokens, model.cfg.d_vocab)
     scope = {h: reg.get(h).cls.scope for h in order}
 
     def make(hid):
-        cls = reg.get(hid).cls
-        return cls(cls.Options.from_dict(config.detector_options.get(hid, {}), hid))
+        return reg.get(hid).cls(options[hid])
 
     late: set[str] = set()  # model detectors that read per-SAE outputs (directly or through another)
     post: set[str] = set()  # per-SAE detectors after the pass: activation detectors and their readers

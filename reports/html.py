@@ -135,6 +135,8 @@ def render_html(con, scan_id: int, out: str | Path, max_features: int | None = N
         d = report_data(con, scan_id, max_features, name)
         d["pages"] = [[s, q.name, layers[s]] for s, q in links.items()]
         data = json.dumps(d, separators=(",", ":"), default=str)
-        data = data.replace("</", "<\\/")  # never close the <script> early
+        # No string can end the <script> element or open a comment in it: JSON needs no
+        # literal < > & outside strings, and inside them \u escapes read back the same.
+        data = data.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
         path.write_text(page_t.replace("/*__DATA__*/null", data), encoding="utf-8")
     return list(pages.values())

@@ -107,8 +107,8 @@ def test_bad_inputs_exit_1_with_one_line(runner, planted_paths, tmp_path, seq64)
     (wrong_hook / "cfg.json").write_text(json.dumps(cfg))
     _one_line_error(runner.invoke(app, ["scan", str(wrong_hook), "--model", str(planted_paths["model"]),
                                         "--db", str(db)]), "beyond the model's 2 layers")
-    _one_line_error(runner.invoke(app, scan_args(planted_paths, db, "--corpus", str(tmp_path / "nope.txt"))),
-                    "nope.txt", "not found")
+    _one_line_error(runner.invoke(app, scan_args(planted_paths, db, "--corpus", str(tmp_path / "nope.txt"),
+                                                 "--config", seq64)), "nope.txt", "not found")
     import numpy as np
     np.save(tmp_path / "big.npy", np.full(200, 9999, dtype=np.uint16))
     _one_line_error(runner.invoke(app, scan_args(planted_paths, db, "--corpus", str(tmp_path / "big.npy"),

@@ -70,7 +70,15 @@ def _saved(tmp_path, **over):
     (lambda p: (p / "cfg.json").write_text(json.dumps({"d_in": 99, "metadata": {"hook_name": "blocks.1.attn.hook_z"}})),
      "W_enc has d_in=32"),
     (lambda p: (p / "cfg.json").write_text(json.dumps({"architecture": "gated", "metadata": {"hook_name": "blocks.1.attn.hook_z"}})),
-     "unknown architecture 'gated'"),
+     "architecture: Input should be 'standard', 'topk' or 'jumprelu' (got 'gated')"),
+    (lambda p: (p / "cfg.json").write_text("[1, 2]"), "cfg.json: Input should be a valid dictionary"),
+    (lambda p: (p / "cfg.json").write_text(json.dumps({"d_in": "wide", "metadata": {"hook_name": "blocks.1.attn.hook_z"}})),
+     "cfg.json: d_in: Input should be a valid integer"),
+    (lambda p: (p / "cfg.json").write_text(json.dumps({"architecture": "topk", "k": -3,
+                                                       "metadata": {"hook_name": "blocks.1.attn.hook_z"}})),
+     "cfg.json: k: Input should be greater than 0 (got -3)"),
+    (lambda p: (p / "cfg.json").write_text(json.dumps({"metadata": "blocks.1.attn.hook_z"})),
+     "cfg.json: metadata: Input should be a valid dictionary"),
 ])
 def test_bad_inputs_name_the_file(tmp_path, break_it, message):
     p = _saved(tmp_path)
@@ -89,6 +97,20 @@ def test_bad_shape_and_missing_tensor(tmp_path):
         load_sae(p)
     save_file({"W_enc": s.W_enc, "b_enc": s.b_enc, "b_dec": s.b_dec}, str(p / "sae_weights.safetensors"))
     with pytest.raises(FamfindError, match="missing tensor 'W_dec'"):
+        load_sae(p)
+
+
+@pytest.mark.parametrize("tensor, value, count", [("W_enc", float("nan"), 3), ("W_dec", float("inf"), 1),
+                                                   ("b_enc", float("-inf"), 2)])
+def test_non_finite_weights_are_refused_with_the_count(tmp_path, tensor, value, count):
+    p = _saved(tmp_path)
+    s = _random_sae()
+    t = getattr(s, tensor).clone()
+    t.view(-1)[:count] = value
+    setattr(s, tensor, t)
+    save_file({k: getattr(s, k).contiguous() for k in ("W_enc", "W_dec", "b_enc", "b_dec")},
+              str(p / "sae_weights.safetensors"))
+    with pytest.raises(FamfindError, match=rf"sae_weights.safetensors: {tensor} has {count} non-finite values"):
         load_sae(p)
 
 
