@@ -41,3 +41,11 @@ def default_scan(tmp_path_factory):
         pytest.skip("embedded default artefacts are not built")
     db = tmp_path_factory.mktemp("default_scan") / "default.duckdb"
     return db, write_scan(db, run_scan(ScanConfig(max_tokens=100_000)))
+
+
+@pytest.fixture(scope="session")
+def seq64(tmp_path_factory):
+    """A --config TOML setting seq_len = 64 (the planted model's n_ctx)."""
+    cfg = tmp_path_factory.mktemp("cfg") / "scan.toml"
+    cfg.write_text("[scan]\nseq_len = 64\n")
+    return str(cfg)

@@ -25,6 +25,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from cli_util import check, n_scans, one_line
 from famfind.cli import app
 
 FAST = ("--select", "head_attribution")  # weights only: a scan in about a second
@@ -33,39 +34,6 @@ FAST = ("--select", "head_attribution")  # weights only: a scan in about a secon
 @pytest.fixture()
 def runner():
     return CliRunner()
-
-
-@pytest.fixture(scope="module")
-def seq64(tmp_path_factory):
-    cfg = tmp_path_factory.mktemp("cfg") / "scan.toml"
-    cfg.write_text("[scan]\nseq_len = 64\n")
-    return str(cfg)
-
-
-def n_scans(db) -> int:
-    if not Path(db).exists():
-        return 0
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        return con.execute("SELECT count(*) FROM scans").fetchall()[0][0]
-    finally:
-        con.close()
-
-
-def one_line(code: int, stderr: str, output: str, *needles: str) -> str:
-    """The contract: ``code``, one stderr line (``famfind: error:``/``usage error:``/
-    ``interrupted;``), each needle in it, no traceback."""
-    lines = [ln for ln in stderr.splitlines() if ln.strip() and "warning:" not in ln]
-    assert len(lines) == 1, stderr
-    assert "Traceback" not in output + stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
-
-
-def check(r, code: int, *needles: str) -> str:
-    assert r.exit_code == code, (r.exit_code, r.output)
-    return one_line(code, r.stderr, r.output, *needles)
 
 
 def copy_dir(src: Path, dst: Path) -> Path:
@@ -551,7 +519,7 @@ def test_ctrl_c_during_the_scan_writes_nothing(scan_args, tmp_path, stored):
     db = tmp_path / "new.duckdb"
     code, out, err = finish(famfind_proc([*scan_args, "--db", str(db), "--plugin", str(p), "--select", "ctrl_c"]))
     assert code == 130
-    one_line(code, err, out, "famfind: interrupted; nothing was written")
+    one_line(err, out, "famfind: interrupted; nothing was written")
     assert not db.exists() and not list(tmp_path.glob(".new.duckdb*"))
     shutil.copy(stored, tmp_path / "old.duckdb")
     code, out, err = finish(famfind_proc([*scan_args, "--db", str(tmp_path / "old.duckdb"), "--plugin", str(p),
@@ -560,17 +528,23 @@ def test_ctrl_c_during_the_scan_writes_nothing(scan_args, tmp_path, stored):
     assert n_scans(tmp_path / "old.duckdb") == 1
 
 
-# a Ctrl-C that arrives while the scan's rows are being inserted (held until the transaction ends)
-SIGINT_IN_WRITE = '''
+def signal_in_write(table: str, sig: str) -> str:
+    """Patch run before famfind: send ``signal.<sig>`` to itself when the write reaches
+    ``table`` (inside the transaction)."""
+    return f'''
 import os, signal
 import famfind.db as db
 _orig = db.ensure_table
 def ensure_table(con, table):
-    if table.name == "features":
-        os.kill(os.getpid(), signal.SIGINT)
+    if table.name == {table!r}:
+        os.kill(os.getpid(), signal.{sig})
     return _orig(con, table)
 db.ensure_table = ensure_table
 '''
+
+
+# a Ctrl-C that arrives while the scan's rows are being inserted (held until the transaction ends)
+SIGINT_IN_WRITE = signal_in_write("features", "SIGINT")
 
 # a Ctrl-C that arrives just after the transaction committed
 SIGINT_AFTER_COMMIT = '''
@@ -589,7 +563,7 @@ def test_ctrl_c_during_the_write_rolls_back(scan_args, tmp_path, stored):
     db = tmp_path / "new.duckdb"
     code, out, err = finish(famfind_proc([*scan_args, "--db", str(db)], SIGINT_IN_WRITE))
     assert code == 130, err
-    one_line(code, err, out, "interrupted; nothing was written")
+    one_line(err, out, "interrupted; nothing was written")
     assert not db.exists() and not list(tmp_path.glob(".new.duckdb*"))
     old = tmp_path / "old.duckdb"
     shutil.copy(stored, old)
@@ -603,7 +577,7 @@ def test_ctrl_c_after_the_commit_says_the_scan_was_written(scan_args, tmp_path, 
     shutil.copy(stored, old)
     code, out, err = finish(famfind_proc([*scan_args, "--db", str(old)], SIGINT_AFTER_COMMIT))
     assert code == 130, err
-    one_line(code, err, out, f"interrupted; scan 2 was written to {old}")
+    one_line(err, out, f"interrupted; scan 2 was written to {old}")
     assert n_scans(old) == 2
     # a new database: the commit happens in a file beside it; Ctrl-C before it appears at the path
     db = tmp_path / "new.duckdb"
@@ -622,16 +596,7 @@ def test_ctrl_c_after_the_commit_says_the_scan_was_written(scan_args, tmp_path, 
     assert n_scans(old) == 3
 
 
-KILL_IN_WRITE = '''
-import os, signal
-import famfind.db as db
-_orig = db.ensure_table
-def ensure_table(con, table):
-    if table.name == "examples":
-        os.kill(os.getpid(), signal.SIGKILL)
-    return _orig(con, table)
-db.ensure_table = ensure_table
-'''
+KILL_IN_WRITE = signal_in_write("examples", "SIGKILL")
 
 
 def test_kill_9_during_the_write_leaves_nothing(scan_args, tmp_path, stored):
@@ -684,7 +649,7 @@ def test_a_locked_database_fails_fast(scan_args, tmp_path, stored):
         code, out, err = finish(famfind_proc([*scan_args, "--db", str(db), "--plugin", str(plugin),
                                               "--select", "mark"]))
         assert code == 1
-        one_line(code, err, out, "s.duckdb", "locked by another process", f"PID {holder.pid}")
+        one_line(err, out, "s.duckdb", "locked by another process", f"PID {holder.pid}")
         assert not marker.exists()  # refused before computing anything
     finally:
         holder.kill()
@@ -725,7 +690,7 @@ def test_a_lock_taken_mid_scan_is_waited_for_then_the_scan_is_saved(scan_args, t
     code, out, err = finish(famfind_proc([*scan_args, "--db", str(db), "--plugin", str(plugin), "--select",
                                           "lock_it", "--lock-timeout", "1"], env={**env, "LOCK_SECONDS": "20"}))
     assert time.time() - t0 < 19  # it did not wait for the holder
-    line = one_line(code, err, out, "s.duckdb", "locked by another process", "still locked after 1 s",
+    line = one_line(err, out, "s.duckdb", "locked by another process", "still locked after 1 s",
                     "famfind import")
     assert code == 1
     saved = Path(line.split("saved to ")[1].split(" (import")[0])
@@ -755,4 +720,4 @@ def test_usage_error_of_the_real_executable():
     r = subprocess.run([sys.executable, "-m", "famfind", "scan", "--max-tokens", "-5"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2
-    one_line(2, r.stderr, r.stdout, "usage error", "--max-tokens")
+    one_line(r.stderr, r.stdout, "usage error", "--max-tokens")

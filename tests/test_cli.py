@@ -10,6 +10,7 @@ import duckdb
 import pytest
 from typer.testing import CliRunner
 
+from cli_util import check, n_scans
 from famfind.cli import app
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -22,23 +23,6 @@ def runner():
 
 def scan_args(p, db, *extra):
     return ["scan", str(p["sae"]), "--corpus", str(p["corpus"]), "--db", str(db), *extra]
-
-
-@pytest.fixture(scope="module")
-def seq64(tmp_path_factory):
-    cfg = tmp_path_factory.mktemp("cfg") / "scan.toml"
-    cfg.write_text("[scan]\nseq_len = 64\n")
-    return str(cfg)
-
-
-def n_scans(db) -> int:
-    if not Path(db).exists():
-        return 0
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        return con.execute("SELECT count(*) FROM scans").fetchall()[0][0]
-    finally:
-        con.close()
 
 
 def test_scan_report_sql_roundtrip(runner, planted_paths, tmp_path, seq64):
@@ -84,12 +68,7 @@ def test_help_and_usage_errors(runner):
 
 
 def _one_line_error(r, *needles):
-    assert r.exit_code == 1, r.output
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("famfind: error:"), r.stderr
-    assert "Traceback" not in r.output
-    for n in needles:
-        assert n in lines[0], lines[0]
+    assert check(r, 1, *needles).startswith("famfind: error:")
 
 
 def test_bad_inputs_exit_1_with_one_line(runner, planted_paths, tmp_path, seq64):
