@@ -108,9 +108,7 @@ def connect(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnect
     con = _open(p, read_only)
     try:
         version = schema_version(con)
-        if version > SCHEMA_VERSION:
-            raise FamfindError(p, f"written by a newer famfind (schema version {version}; this famfind "
-                               f"{famfind.__version__} reads up to {SCHEMA_VERSION}): upgrade famfind")
+        _refuse_newer(p, version)
         if 0 < version < SCHEMA_VERSION:
             if read_only:  # upgrade through a writable connection, then reopen read-only
                 con.close()
@@ -122,6 +120,13 @@ def connect(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnect
         con.close()
         raise
     return con
+
+
+def _refuse_newer(p: Path, version: int) -> None:
+    """Raise ``FamfindError`` naming ``p`` when a newer famfind wrote it (schema ``version``)."""
+    if version > SCHEMA_VERSION:
+        raise FamfindError(p, f"written by a newer famfind (schema version {version}; this famfind "
+                           f"{famfind.__version__} reads up to {SCHEMA_VERSION}): upgrade famfind")
 
 
 def _open(p: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
@@ -382,9 +387,7 @@ def check_writable(db_path: str | Path) -> None:
             version = schema_version(con)
         finally:
             con.close()
-        if version > SCHEMA_VERSION:
-            raise FamfindError(p, f"written by a newer famfind (schema version {version}; this famfind "
-                               f"{famfind.__version__} reads up to {SCHEMA_VERSION}): upgrade famfind")
+        _refuse_newer(p, version)
         return
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
