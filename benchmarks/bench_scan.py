@@ -1,7 +1,10 @@
 """Scan benchmarks on the embedded default; prints ratios measured in one run.
 
 1. Full default ``famfind scan`` (subprocess): wall time and peak RSS, for the whole default
-   (both layers' SAEs in one pass) against the layer-1 SAE alone.
+   (both layers' SAEs in one pass) against the layer-1 SAE alone; and the time the scan spent
+   in proxy marking and scoring (``proxy_marks`` + ``proxy_scores``, observing the pass included)
+   and in the context and candidate families built on them, as shares of the wall time
+   (target: proxy scoring adds < 30%).
 2. Activation pass (stop at the SAE's layer, no autograd, SDPA attention) against a naive
    ``run_with_cache``-style pass (full forward of every layer with explicit attention
    patterns, every activation cached, then hook_z read from the cache and encoded); tokens/s
@@ -115,6 +118,21 @@ def two_layer_pass(d: Path, n_tokens: int) -> None:
           f"{t2:.1f} s, ratio {t2 / t1:.2f}x (two separate passes would be ~2x)")
 
 
+def proxy_share(db: str, name: str, wall: float) -> None:
+    """Print the seconds the scan spent in the proxy detectors (all SAEs) against its wall time."""
+    import duckdb
+
+    con = duckdb.connect(db, read_only=True)
+    secs = dict(con.execute("SELECT detector, sum(seconds) FROM detector_runs WHERE detector IN ('proxy_marks', "
+                            "'proxy_scores', 'context_features', 'candidate_families') GROUP BY 1").fetchall())
+    con.close()
+    scoring = secs.get("proxy_marks", 0) + secs.get("proxy_scores", 0)
+    fams = secs.get("context_features", 0) + secs.get("candidate_families", 0)
+    print(f"  {name}: proxy marking + scoring {scoring:.1f} s = {scoring / wall:.1%} of the scan "
+          f"(marks {secs.get('proxy_marks', 0):.1f} s, scores {secs.get('proxy_scores', 0):.1f} s; target < 30%); "
+          f"context + candidate families on them {fams:.1f} s = {fams / wall:.1%}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=262_144, help="tokens for the pass comparison")
@@ -131,11 +149,20 @@ def main() -> None:
                 subprocess.run([sys.executable, "-m", "famfind.cli", "scan", *extra, "--db", f"{tmp}/b.duckdb",
                                     "-q"], check=True, stdout=subprocess.DEVNULL)
                 walls[name] = time.time() - t0
+                proxy_share(f"{tmp}/b.duckdb", name, walls[name])
             # ru_maxrss of children is the largest child so far: both runs' peak
             rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
             print(f"full scan, {name}: wall {walls[name]:.1f} s, peak RSS so far {rss:.0f} MiB")
         a, b = walls.values()
         print(f"full scan, two layers / one layer: {b / a:.2f}x (every per-SAE detector runs twice)")
+        with tempfile.TemporaryDirectory() as tmp:  # the same layer-1 scan with no proxy marked or scored
+            t0 = time.time()
+            subprocess.run([sys.executable, "-m", "famfind.cli", "scan", str(default_sae(1)), "--db", f"{tmp}/b.duckdb",
+                            "-q", "--set", "proxy_marks.proxies=none"], check=True, stdout=subprocess.DEVNULL)
+            bare = time.time() - t0
+        print(f"full scan, layer-1 SAE alone without proxies (--set proxy_marks.proxies=none): wall {bare:.1f} s; "
+              f"proxies add {walls['layer-1 SAE alone'] - bare:.1f} s = "
+              f"{(walls['layer-1 SAE alone'] - bare) / bare:.1%} of the scan without them (target < 30%)")
     two_layer_pass(d, args.tokens)
 
     m, sae = HFGPT2Model(d / "model"), load_sae(default_sae(1))

@@ -171,6 +171,8 @@ def scan(
     select: Annotated[Optional[list[str]], typer.Option(help="Run only these detector ids (and what they require).")] = None,
     skip: Annotated[Optional[list[str]], typer.Option(help="Skip these detector ids.")] = None,
     plugin: Annotated[Optional[list[Path]], typer.Option(help="A local .py file of Heuristic subclasses.")] = None,
+    proxy: Annotated[Optional[list[Path]], typer.Option(help="A local .py file of Proxy subclasses (context "
+                                                        "hypotheses scored against every feature).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option(
         "--set", help="A detector option, DETECTOR.KEY=VALUE (repeatable; wins over --config), e.g. "
         "--set induction_selection.selection_threshold=0.7.")] = None,
@@ -216,7 +218,8 @@ def scan(
     base = dict(cfg_file.get("scan", {}))
     cli = {"sae": tuple(sae or ()), "model": model, "corpus": corpus, "max_tokens": max_tokens,
            "select": tuple(select or ()), "skip": tuple(skip or ()),
-           "plugins": tuple(str(p) for p in plugin or ()), "strict_plugins": strict_plugins or None}
+           "plugins": tuple(str(p) for p in plugin or ()), "proxies": tuple(str(p) for p in proxy or ()),
+           "strict_plugins": strict_plugins or None}
     base.update({k: v for k, v in cli.items() if v not in (None, ())})
     from famfind.plugins import default_registry
 
@@ -292,7 +295,7 @@ def _parse_features(spec: Optional[str]) -> tuple[tuple[int | None, int], ...]:
 
 
 def _label(db: Path, scan_id: int, llm_cfg, features: tuple[int, ...], quiet: bool,
-           kinds: tuple[str, ...] = ("family", "cluster")) -> None:
+           kinds: tuple[str, ...] = ("family", "cluster", "candidate")) -> None:
     """Label a stored scan (families, clusters, requested features); one summary line."""
     from famfind.db import connect
     from famfind.labels import label_scan, summary
@@ -348,7 +351,8 @@ def label(
         con.close()
     cfg = LLMConfig(llm_model, llm_base_url, llm_api_key_env, llm_max_calls, llm_concurrency, llm_timeout,
                     llm_retries)
-    _label(db, sid, cfg, _parse_features(features), False, () if only_features else ("family", "cluster"))
+    _label(db, sid, cfg, _parse_features(features), False,
+           () if only_features else ("family", "cluster", "candidate"))
 
 
 @app.command()

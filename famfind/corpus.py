@@ -37,22 +37,49 @@ def default_sae(layer: int) -> Path:
 
 @dataclass
 class TokenCorpus:
-    """``tokens``: ``int64 [n_seq, seq_len]``; ``source``: what it was read from."""
+    """``tokens``: ``int64 [n_seq, seq_len]``; ``source``: what it was read from; ``docs``:
+    per document (in order) ``{"name", "kind", "markup"}`` when the input says (a directory's
+    or file's suffixes, or a ``.npy``'s ``<stem>.docs.json``), else ``None`` (proxies then infer
+    each document's kind from its text: :func:`famfind.proxies.infer_kind`)."""
 
     tokens: torch.Tensor
     source: str
+    docs: list[dict] | None = None
 
     @property
     def n_tokens(self) -> int:
         return self.tokens.numel()
 
 
-def _read_texts(p: Path) -> list[str]:
+SUFFIX_KIND = {".py": ("code", "python"), ".md": ("prose", "markdown"), ".rst": ("prose", "rst")}
+
+
+def _doc_meta(name: str, suffix: str) -> dict:
+    kind, markup = SUFFIX_KIND.get(suffix, (None, None))
+    return {"name": name, **({"kind": kind, "markup": markup} if kind else {})}
+
+
+def _read_docs_json(p: Path) -> list[dict] | None:
+    """``<stem>.docs.json`` beside a ``.npy``: ``{"documents": [{"kind", "markup", "name"}]}``."""
+    side = p.with_suffix(".docs.json")
+    if not side.is_file():
+        return None
+    try:
+        docs = json.loads(side.read_text())["documents"]
+        assert isinstance(docs, list) and all(isinstance(d, dict) and d.get("kind") in ("code", "prose")
+                                              for d in docs)
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise FamfindError(side, "expected {\"documents\": [{\"kind\": \"code\"|\"prose\", ...}, ...]}") from None
+    return docs
+
+
+def _read_named_texts(p: Path) -> list[tuple[dict, str]]:
+    """``(metadata, text)`` per document of a text input (see :class:`TokenCorpus`)."""
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
         if not files:
             raise FamfindError(p, f"directory has no text files ({' '.join(TEXT_SUFFIXES)})")
-        return [f.read_text(errors="replace") for f in files]
+        return [(_doc_meta(str(f.relative_to(p)), f.suffix), f.read_text(errors="replace")) for f in files]
     if p.suffix == ".jsonl":
         texts = []
         for i, line in enumerate(p.read_text().splitlines(), 1):
@@ -64,7 +91,7 @@ def _read_texts(p: Path) -> list[str]:
                 raise FamfindError(p, f"line {i} is not valid JSON") from None
             if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
                 raise FamfindError(p, f"line {i} has no string field 'text'")
-            texts.append(rec["text"])
+            texts.append(({"name": f"{p.name}:{i}"}, rec["text"]))
         return texts
     if p.suffix == ".parquet":
         import duckdb
@@ -76,9 +103,9 @@ def _read_texts(p: Path) -> list[str]:
             rows = rel.fetchall()
         except duckdb.Error as e:
             raise FamfindError(p, f"cannot read a 'text' column ({str(e).splitlines()[0]})") from None
-        return [r[0] for r in rows if r[0]]
+        return [({"name": f"{p.name}:{i}"}, r[0]) for i, r in enumerate(rows) if r[0]]
     try:
-        return [p.read_text()]
+        return [(_doc_meta(p.name, p.suffix), p.read_text())]
     except UnicodeDecodeError:
         raise FamfindError(p, "not a UTF-8 text file (expected .npy tokens, text, .jsonl or .parquet)") from None
 
@@ -129,11 +156,13 @@ def load_corpus(path: str | Path | None, tokenizer, seq_len: int, max_tokens: in
         raise FamfindError("max_tokens", f"must be a positive number of tokens, got {max_tokens}")
     if p.suffix == ".npy":
         stream = _read_npy_tokens(p)
+        docs = _read_docs_json(p)
     else:
-        texts = _read_texts(p)  # the file's own problems first
+        named = _read_named_texts(p)  # the file's own problems first
         if tokenizer is None:
             raise FamfindError(p, "text corpus given but the model has no tokenizer")
-        stream = tokenize_texts(texts, tokenizer)
+        stream = tokenize_texts([t for _, t in named], tokenizer)
+        docs = [m for m, _ in named]
     if max_tokens is not None:
         stream = stream[:max_tokens]
     n_seq = stream.size // seq_len
@@ -141,4 +170,4 @@ def load_corpus(path: str | Path | None, tokenizer, seq_len: int, max_tokens: in
         raise FamfindError(p, f"only {stream.size} tokens: fewer than one sequence of {seq_len}")
     if d_vocab is not None and (stream.min() < 0 or stream.max() >= d_vocab):
         raise FamfindError(p, f"token ids must lie in [0, {d_vocab}) for this model; found {stream.max()}")
-    return TokenCorpus(torch.from_numpy(stream[: n_seq * seq_len].reshape(n_seq, seq_len)), str(p))
+    return TokenCorpus(torch.from_numpy(stream[: n_seq * seq_len].reshape(n_seq, seq_len)), str(p), docs)

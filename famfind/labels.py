@@ -4,7 +4,7 @@ Method (after delphi's explain-then-score loop, Paulo et al. 2024, "Automaticall
 Interpreting Millions of Features in LLMs", sections 3.1-3.2, and OpenAI's neuron-explainer,
 Bills et al. 2023):
 
-1. *Explain.* For each target (a family, a cluster, or one feature) up to ``n_features``
+1. *Explain.* For each target (a family, a cluster, a candidate family or one feature) up to ``n_features``
    exemplar features are shown (family: highest confidence; cluster: nearest the centroid),
    each with its top-activating contexts (table ``examples``), examples from lower activation
    quantiles (even ranks of ``activation_samples``), its top boosted logits (direct path,
@@ -47,7 +47,7 @@ SYSTEM = ("You are a meticulous interpretability researcher. You study sparse-au
 
 @dataclass
 class Target:
-    """What gets one label: ``kind`` in {"family", "cluster", "feature"}, its name, and the
+    """What gets one label: ``kind`` in {"family", "cluster", "candidate", "feature"}, its name, and the
     exemplar features shown (at most ``n_features``) and the features it stands for."""
 
     kind: str
@@ -81,9 +81,10 @@ def _plain(tokens: list[str]) -> str:
     return "".join(tokens).replace("\n", "\\n")
 
 
-def targets(con, scan_id: int, kinds: tuple[str, ...] = ("family", "cluster"),
+def targets(con, scan_id: int, kinds: tuple[str, ...] = ("family", "cluster", "candidate"),
             features: tuple[tuple[int | None, int], ...] = (), n_features: int = 6) -> list[Target]:
-    """The families and clusters of every SAE of a scan (those with at least one live member)
+    """The families, clusters and candidate families of every SAE of a scan (those with at
+    least one live member)
     plus the requested single ``features`` as ``(layer, feature)`` (layer ``None``: the scan's
     only SAE); raises ``FamfindError`` for a feature or layer the scan lacks."""
     out: list[Target] = []
@@ -103,6 +104,10 @@ def targets(con, scan_id: int, kinds: tuple[str, ...] = ("family", "cluster"),
             for c, f in rows:
                 cl.setdefault(int(c), []).append(int(f))
             out += [Target("cluster", str(c), fs[:n_features], fs, sae=sae) for c, fs in sorted(cl.items())]
+        if "candidate" in kinds and table_exists(con, "candidate_families"):
+            rows = con.execute("SELECT candidate, features FROM candidate_families WHERE scan_id = ? AND sae = ? "
+                               "ORDER BY candidate", [scan_id, sae]).fetchall()
+            out += [Target("candidate", str(c), list(fs)[:n_features], list(fs), sae=sae) for c, fs in rows]
     for layer, f in features:
         hits = [r for r in saes if layer is None or r[1] == layer]
         if len(hits) != 1:
@@ -147,6 +152,8 @@ def label_request(con, scan_id: int, t: Target, n_top: int = 3, n_quantile: int 
     what = {"family": f"the feature family '{t.target}' found by famfind ({len(t.members)} features)",
             "cluster": f"cluster {t.target} of a k-means clustering of features by head attribution "
                        f"({len(t.members)} features)",
+            "candidate": f"candidate family {t.target}: features in no known family, clustered by head loading, "
+                         f"DFA source distance, context proxies and token classes ({len(t.members)} features)",
             "feature": f"feature {t.target}"}[t.kind]
     parts = [f"Below are examples for {what}. Tokens where a feature is active are marked <<like this>>."]
     for f in t.exemplars:
@@ -227,7 +234,7 @@ class LabelRun:
     hits: int
 
 
-def label_scan(con, scan_id: int, llm: LLM, kinds=("family", "cluster"), features: tuple = (),
+def label_scan(con, scan_id: int, llm: LLM, kinds=("family", "cluster", "candidate"), features: tuple = (),
                n_score: int = 10, seed: int = 0, progress_factory=None) -> LabelRun:
     """Explain and score every target of a scan; writes table ``labels`` (the scan's rows for
     these targets replaced in one transaction). Raises ``FamfindError`` if the scan lacks the

@@ -142,6 +142,10 @@ class HFTokenizer:
     def token_str(self, i: int) -> str:
         return self._tok.decode([int(i)])
 
+    def token_to_id(self, token: str) -> int | None:
+        """The id of vocabulary entry ``token`` (e.g. ``<|endoftext|>``), ``None`` if absent."""
+        return self._tok.token_to_id(token)
+
 
 def ablate_heads(z: torch.Tensor, layer: int, ablate: Ablation | None) -> torch.Tensor:
     """hook_z ``[batch, pos, n_heads, d_head]`` with the ``ablate`` heads of ``layer`` overwritten."""
@@ -518,6 +522,9 @@ class _TLTokenizer:
 
     def token_str(self, i: int) -> str:
         return self._tok.decode([int(i)])
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.get_vocab().get(token)
 
 
 def load_model(spec: str | Path, device: str = "cpu") -> AttnModel:

@@ -60,6 +60,7 @@ class ScanConfig:
     select: tuple[str, ...] = ()
     skip: tuple[str, ...] = ()
     plugins: tuple[str, ...] = ()
+    proxies: tuple[str, ...] = ()  # local .py files of famfind.proxies.Proxy subclasses (beside the installed ones)
     strict_plugins: Annotated[bool, Field(strict=True)] = False
     detector_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     seed: Annotated[int, Field(strict=True)] = 0
@@ -417,6 +418,9 @@ def run_scan(config: ScanConfig, registry: Registry | None = None,
         raise FamfindError("detector options", f"no selected detector {unknown_opts[0]!r}; "
                            f"selected: {', '.join(sorted(ids))}")
     options = {h: reg.get(h).cls.Options.from_dict(config.detector_options.get(h, {}), h) for h in order}
+    for f in config.proxies:  # read by proxy_marks; a missing file is bad input, found before any loading
+        if not Path(f).is_file():
+            raise FamfindError(f, "proxy file not found")
     loaded, spec = load_saes(config.sae, config.model, config.device)
     model = load_model(spec, config.device)
     for _, _, sae in loaded:

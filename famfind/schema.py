@@ -242,8 +242,8 @@ count BIGINT: positive activations in the bin
 )
 
 LABELS = Table("labels", _c("""
-sae VARCHAR: the SAE of the family, cluster or feature
-kind VARCHAR: family, cluster or feature
+sae VARCHAR: the SAE of the family, cluster, candidate family or feature
+kind VARCHAR: family, cluster, candidate or feature
 target VARCHAR: family name, cluster id or feature id
 feature INTEGER: the feature, for kind = feature
 label VARCHAR: the LLM's label (at most 8 words)

@@ -42,7 +42,10 @@ class DFASourceStats(Output):
     ``top_share_mean`` the mean share of the heads' pre-activation carried by the top source;
     ``token_consistency`` / ``offset_consistency`` the fraction of examples whose top source
     is the most common token / distance; ``mode_token`` / ``mode_offset`` those (-1: none);
-    ``self_fraction`` the fraction whose top source is the firing position itself."""
+    ``self_fraction`` the fraction whose top source is the firing position itself. Per
+    example (``[n]``, the rows of table ``dfa_source``): ``ex_feature``, ``ex_seq``,
+    ``ex_pos``, and ``src_pos``/``src_share [n, n_sources]`` its top sources' positions and
+    shares of the heads' part of the pre-activation."""
 
     n_examples: torch.Tensor
     top_share_mean: torch.Tensor
@@ -53,6 +56,11 @@ class DFASourceStats(Output):
     self_fraction: torch.Tensor
     examples: int
     sequences: int
+    ex_feature: torch.Tensor | None = None
+    ex_seq: torch.Tensor | None = None
+    ex_pos: torch.Tensor | None = None
+    src_pos: torch.Tensor | None = None
+    src_share: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -198,7 +206,8 @@ class DFASource(Heuristic):
         tok_cons = n_tok.float() / n_ex.clamp_min(1)
         off_cons = n_off.float() / n_ex.clamp_min(1)
         return Result(output=DFASourceStats(n_ex, share_mean, tok_cons, off_cons, mode_tok, mode_off, self_frac,
-                                            n, int(uniq.numel())), tables={"dfa_source": df})
+                                            n, int(uniq.numel()), feat, ex_seq, ex_pos, top_src, share),
+                      tables={"dfa_source": df})
 
     @classmethod
     def html_part(cls, section) -> dict:

@@ -103,9 +103,19 @@ def report_data(con, scan_id: int, max_features: int | None = None, sae: str | N
         "layer": unit["layer"],
         **top,
         "hist_bins": [[b, round(lo, 6), None if hi == float("inf") else round(hi, 6)] for b, lo, hi in bins],
+        "hist_centres": hist_centres(),
         "labels": labels,
         "features": list(feats.values()),
     }
+
+
+def hist_centres() -> list[float]:
+    """A representative activation of each histogram bin (:data:`famfind.activations.HIST_EDGES`
+    plus a bin below and above): geometric bin centres, half the first edge, twice the last."""
+    from famfind.activations import HIST_EDGES
+
+    e = HIST_EDGES.tolist()
+    return [e[0] / 2] + [round((a * b) ** 0.5, 6) for a, b in zip(e, e[1:])] + [e[-1] * 2]
 
 
 def _card_defaults() -> dict:

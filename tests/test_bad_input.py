@@ -413,6 +413,15 @@ def test_plugin_that_cannot_load_is_skipped(runner, planted_paths, tmp_path, seq
     assert n_scans(db) == 1
 
 
+def test_missing_proxy_file_is_refused_before_loading(runner, planted_paths, tmp_path, seq64):
+    db = tmp_path / "x.duckdb"
+    missing = tmp_path / "no_such_proxy.py"
+    r = runner.invoke(app, ["scan", str(planted_paths["sae"]), "--corpus", str(planted_paths["corpus"]), "--config",
+                            seq64, "--db", str(db), "--proxy", str(missing), *FAST])
+    check(r, 1, str(missing), "proxy file not found")
+    assert not db.exists()
+
+
 MALFORMED = '''
 import polars as pl
 from famfind.plugins import Column, Detection, FamilyMember, Heuristic, Result, Table

@@ -4,6 +4,7 @@ DFA is exact, run statistics match a plain loop, and clustering recovers planted
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -42,8 +43,10 @@ def families_scan(tmp_path_factory):
             "previous_token_features": {"control_size": 60, "n_prompts": 12},
             "duplicate_token_features": {"control_size": 60, "n_prompts": 12},
             "name_mover_heads": {"n_per_template": 8}}
+    # the high-level planted features' hypothesis comes as a user's proxy file (--proxy)
+    proxies = (str(Path(__file__).parent / "planted_proxies.py"),)
     result = run_scan(ScanConfig(sae=str(paths["sae"]), corpus=str(paths["corpus"]), seq_len=64,
-                                 detector_options=opts))
+                                 detector_options=opts, proxies=proxies))
     db = tmp_path_factory.mktemp("db") / "families.duckdb"
     return result, db, write_scan(db, result)
 

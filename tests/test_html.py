@@ -49,7 +49,8 @@ def test_report_renders_in_chromium(report, tmp_path):
     assert not console, console  # no console messages at all: no errors, no uncaught exceptions
     assert len(re.findall(r'class="card" data-feature="\d+"', dom.stdout)) == 50  # first page of cards
     assert re.search(r"page 1 / \d+ \(\d{4} features\)", dom.stdout)
-    for el in ('id="validation"', 'id="heatmap"', 'id="cluster-sizes"', 'id="search"'):
+    for el in ('id="validation"', 'id="heatmap"', 'id="cluster-sizes"', 'id="search"', 'id="context-families"',
+               'id="candidates"'):
         assert el in dom.stdout
     shot = tmp_path / "report.png"
     subprocess.run(args + [f"--screenshot={shot}", report.as_uri()], capture_output=True, timeout=120, check=True)

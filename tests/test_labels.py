@@ -64,11 +64,14 @@ def test_every_cluster_labelled_through_faults_then_second_run_makes_no_calls(de
         con = connect(db, read_only=True)
         k = con.execute("SELECT count(DISTINCT cluster) FROM clusters WHERE scan_id = ?", [sid]).fetchone()[0]
         fams = {f for (f,) in con.execute("SELECT DISTINCT family FROM families WHERE scan_id = ?", [sid]).fetchall()}
+        cands = {str(c) for (c,) in con.execute("SELECT candidate FROM candidate_families WHERE scan_id = ?",
+                                                [sid]).fetchall()}
         retries = con.execute("SELECT sum(retries) FROM llm_cache").fetchone()[0]
         cached = con.execute("SELECT count(*) FROM llm_cache").fetchone()[0]
         con.close()
         assert {r_["target"] for r_ in rows if r_["kind"] == "cluster"} == {str(c) for c in range(k)}
         assert {r_["target"] for r_ in rows if r_["kind"] == "family"} == fams
+        assert cands and {r_["target"] for r_ in rows if r_["kind"] == "candidate"} == cands
         assert all(r_["status"] == "ok" and r_["label"].startswith("tokens like") for r_ in rows)
         assert all(r_["score_status"] == "ok" and 0 <= r_["score"] <= 1 and r_["n_pos"] > 0 and r_["n_neg"] > 0
                    for r_ in rows)

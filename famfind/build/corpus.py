@@ -119,6 +119,30 @@ def encode_documents(tokenizer_path: Path, docs: list[Document]) -> np.ndarray:
     return np.asarray(out, dtype=np.uint16)
 
 
+def write_docs_json(path: Path, docs: list[dict]) -> None:
+    """The ``.docs.json`` beside a token file (:func:`famfind.corpus.load_corpus`): per
+    document, in order, its ``name``, ``kind`` (``code``/``prose``) and ``markup``."""
+    rows = [{"name": d.get("name", ""), "kind": d["kind"],
+             "markup": d.get("markup") or ("python" if d["kind"] == "code" else "rst")} for d in docs]
+    path.write_text('{"documents": [\n' + ",\n".join(json.dumps(r) for r in rows) + "\n]}\n")
+
+
+def docs_json_from_tokens(tokens_path: Path, tokenizer_path: Path) -> list[dict]:
+    """Per-document metadata recovered from a token file alone: documents split at
+    ``<|endoftext|>``, each kind from whether its text parses as Python
+    (:func:`famfind.proxies.infer_kind`); names unknown. How the shipped
+    ``eval_tokens.docs.json`` was made (its counts equal the data card's)."""
+    from tokenizers import Tokenizer
+
+    from famfind.proxies import infer_kind
+
+    tok = Tokenizer.from_file(str(tokenizer_path))
+    eot = tok.token_to_id(EOT)
+    a = np.load(tokens_path).astype(np.int64)
+    docs = [d for d in np.split(a, np.flatnonzero(a == eot) + 1) if d.size and not (d.size == 1 and d[0] == eot)]
+    return [{"name": "", "kind": infer_kind(tok.decode(d[d != eot].tolist()))[0]} for d in docs]
+
+
 def build_corpus(build_dir: Path, vocab_size: int = 4096, seed: int = 0) -> dict:
     """Steps 1-2 of the embedded-default build: fetch, split, tokenizer, token files.
 
@@ -137,6 +161,7 @@ def build_corpus(build_dir: Path, vocab_size: int = 4096, seed: int = 0) -> dict
     ev = encode_documents(build_dir / "tokenizer.json", held)
     np.save(build_dir / "train_tokens.npy", tr)
     np.save(build_dir / "eval_tokens.npy", ev)
+    write_docs_json(build_dir / "eval_tokens.docs.json", [{"name": d.path, "kind": d.source} for d in held])
 
     def stats(ds: list[Document]) -> dict:
         out = {}

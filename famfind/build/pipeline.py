@@ -47,7 +47,7 @@ def build_all(build_dir: Path, install: bool = False, log=print) -> dict:
         for sub in ("model", "saes"):
             shutil.rmtree(dst / sub, ignore_errors=True)
             shutil.copytree(build_dir / sub, dst / sub)
-        for f in ("eval_tokens.npy", "bars.json", "DATA_CARD.md", "MODEL_CARD.md", "SAE_CARD.md", "train_history.json",
+        for f in ("eval_tokens.npy", "eval_tokens.docs.json", "bars.json", "DATA_CARD.md", "MODEL_CARD.md", "SAE_CARD.md", "train_history.json",
                   *(q.name for q in build_dir.glob("sae_history_L*.json")), "LICENSE-python-docs.txt"):
             shutil.copy(build_dir / f, dst / f)
     return bars
@@ -82,6 +82,9 @@ the train split only (`model/tokenizer.json`; `<|endoftext|>` = id 0).
 
 `eval_tokens.npy`: the held-out split as a 1-D `uint16` array, documents joined by
 `<|endoftext|>`; `famfind scan` cuts it into 128-token sequences.
+`eval_tokens.docs.json`: per held-out document, in order, its `kind` (`code` or `prose`),
+`markup` (`python` or `rst`) and source path: the document metadata the proxies of
+`famfind scan` read (document kind, where Python's tokenizer or the reST rules apply).
 Rebuild: `famfind build-default --build-dir build/default` (fetches the two packages with
 `apt-get download`; a later Debian security update changes the package versions above).
 """)

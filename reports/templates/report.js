@@ -56,6 +56,27 @@
     return `<div class="hist" title="activation histogram (log-spaced bins)">` +
       f.hist.map(([b, n]) => `<div style="height:${(40 * n / mx).toFixed(0)}px" title="bin ${b}: ${n}"></div>`).join("") + "</div>";
   }
+  // specificity plot (Bricken et al. 2023): the activation histogram with the proxy's hits
+  // stacked on top; expected-value plot: the same weighted by each bin's activation
+  const dense = (pairs) => { const a = D.hist_centres.map(() => 0); pairs.forEach(([b, n]) => { a[b] = n; }); return a; };
+  function stacked(all, inside, weighted, title) {
+    const w = (i) => (weighted ? D.hist_centres[i] : 1);
+    const tot = all.map((n, i) => n * w(i)), inn = inside.map((n, i) => n * w(i));
+    const mx = Math.max(...tot, 1e-12);
+    return `<div class="hist" title="${esc(title)}">` + tot.map((t, i) => `<div class="stack" style="height:${(40 * t / mx).toFixed(0)}px" ` +
+      `title="bin ${i}: ${fmt(inn[i])} of ${fmt(t)} inside"><div class="in" style="height:${(t ? 100 * inn[i] / t : 0).toFixed(0)}%"></div></div>`).join("") + "</div>";
+  }
+  function proxyPlots(all, inside, name) {
+    return `<div class="plots">${stacked(all, inside, false, "specificity plot: " + name)}${stacked(all, inside, true, "expected-value plot: " + name)}</div>`;
+  }
+  const cf = $("context-families");
+  if (D.context_families && D.context_families.length) {
+    cf.innerHTML = D.context_families.map((r) => `<div class="ctxfam"><b>${esc(r.family)}</b> on <span class="tok">${esc(r.proxy)}</span>: ` +
+      `${r.members} features, held-out mass precision ${fmt(r.mass_precision_b)}, sensitivity ${fmt(r.sensitivity_b)}` +
+      proxyPlots(r.hist_all, r.hist_in, r.proxy) + "</div>").join("");
+  } else cf.textContent = "no context family in this scan (see the validation table and the terminal report's proxy numbers)";
+  if (D.candidates && D.candidates.length) table($("candidates"), D.candidates); else $("candidates").innerHTML = "<tr><td>none</td></tr>";
+
   function context(a, text, maxAct, tokens, acts) {
     if (tokens && acts) {  // every token shaded by the feature's activation on it
       return tokens.map((t, i) => acts[i] > 0 ? `<mark style="background: rgba(255, 140, 0, ${Math.min(1, acts[i] / (maxAct || 1)).toFixed(2)})" title="${fmt(acts[i])}">${esc(t)}</mark>` : esc(t)).join("");
@@ -72,6 +93,8 @@
     const toks = (l) => l.map(([t, v]) => `<span class="tok">${esc(JSON.stringify(t))}</span> ${fmt(v)}`).join(", ");
     return `<div class="card" data-feature="${f.feature}"><h3>feature ${f.feature}</h3>${lab}<div>${fams}</div>` +
       `<div>density ${fmt(f.density)} | max ${fmt(f.max_act)} | cluster ${f.cluster ?? "-"}</div>${hist(f)}` +
+      (f.proxy ? `<div><b>proxy</b> <span class="tok">${esc(f.proxy[0])}</span>: mass precision ${fmt(f.proxy[1])}, sensitivity ` +
+        `${fmt(f.proxy[2])}, AUROC ${fmt(f.proxy[3])}${proxyPlots(dense(f.hist), f.proxy[4], f.proxy[0])}</div>` : "") +
       `<div><b>boosts</b> ${toks(f.logits.boost)}</div><div><b>suppresses</b> ${toks(f.logits.suppress)}</div>` +
       `<div><b>head attribution</b>${bars(f.att, "")}</div>` + (f.dfa.length ? `<div><b>DFA by head</b>${bars(f.dfa, "dfa")}</div>` : "") +
       (f.upstream && f.upstream.length ? `<div><b>top upstream features</b> (RDFA): ` + f.upstream.map(([l, g, c]) => {
