@@ -196,7 +196,9 @@ class ScanContext:
     """What a detector sees: the ``sae`` (:class:`famfind.sae.SAE`; ``None`` for a
     ``scope="model"`` detector) named ``sae_id``, every SAE of the scan (``saes``: name ->
     SAE, in layer order), the ``model`` (:class:`famfind.model.AttnModel`), the ``corpus``
-    (tokens ``[n_seq, seq_len]``), the scan ``config``, a seeded ``generator`` and ``log``.
+    (tokens ``[n_seq, seq_len]``), the scan ``config``, a seeded ``generator`` (the detector's
+    own: seeded from the scan's seed and the detector's id, so other detectors never change
+    its draws) and ``log``.
     ``ctx.output(T)`` returns the typed output of the detector that produces ``T`` (this
     SAE's, or the model detector's; it must be in the reader's ``requires``);
     ``ctx.outputs_by_sae(T)`` every SAE's; ``ctx.stats``

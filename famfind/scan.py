@@ -22,6 +22,7 @@ import dataclasses
 import json
 import numbers
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Callable
@@ -283,6 +284,14 @@ class _Runner:
         self.runs: dict[str, DetectorRun] = {}
         self.results: dict[str, Result] = {}
         self.spent: dict[str, float] = {}
+        self.generators: dict[str, torch.Generator] = {}
+
+    def generator(self, hid: str) -> torch.Generator:
+        """Detector ``hid``'s own generator, seeded from the scan's seed and its id (so another
+        detector, or another SAE in the scan, never changes its random draws)."""
+        if hid not in self.generators:
+            self.generators[hid] = torch.Generator().manual_seed(detector_seed(self.ctx.config.seed, hid))
+        return self.generators[hid]
 
     def ok(self, hid: str) -> bool:
         return hid in self.runs and self.runs[hid].status == "ok"
@@ -306,8 +315,10 @@ class _Runner:
                                          sae=self.ctx.sae_id)
             return False
         t = time.time()
+        view = self.ctx.view(cls)
+        view.generator = self.generator(hid)
         try:
-            out = fn(self.ctx.view(cls))
+            out = fn(view)
             if what == "run":
                 out = check_result(det, out)
         except FamfindError as e:
@@ -340,6 +351,11 @@ class _Runner:
     def _on(self) -> str:
         """`` on <sae>`` for messages about a per-SAE unit; empty for the model unit."""
         return f" on {self.ctx.sae_id}" if self.ctx.sae_id else ""
+
+
+def detector_seed(seed: int, hid: str) -> int:
+    """The seed of detector ``hid``'s generator in a scan seeded with ``seed``."""
+    return (seed * 1_000_003 + zlib.crc32(hid.encode())) % (1 << 62)
 
 
 def shard_rows(n_seq: int, shards: int) -> list[tuple[int, int]]:

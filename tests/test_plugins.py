@@ -141,3 +141,25 @@ def test_declared_table_conform():
         t.conform(pl.DataFrame({"feature": [1]}), "detector 'x'")
     with pytest.raises(FamfindError, match="not a polars.DataFrame"):
         t.conform({"feature": [1]}, "detector 'x'")
+
+
+def test_a_plugin_drawing_random_numbers_changes_no_builtin_result(planted_paths, tmp_path):
+    """Each detector draws from its own generator (seeded by the scan's seed and its id): a
+    plugin that runs first and draws heavily leaves the built-ins' random samples as they were."""
+    from famfind.heuristics.induction import InductionFamily
+    from famfind.heuristics.head_roles import HeadRoleScores
+    from famfind.scan import ScanConfig, run_scan
+
+    plug = tmp_path / "greedy.py"
+    plug.write_text("import torch\nfrom famfind.plugins import Heuristic, Result\n\n"
+                    "class Greedy(Heuristic):\n    id = 'aaa_greedy'\n    scope = 'model'\n\n"
+                    "    def run(self, ctx):\n        torch.rand(100_000, generator=ctx.generator)\n"
+                    "        return Result()\n")
+    base = dict(sae=str(planted_paths["sae"]), corpus=str(planted_paths["corpus"]), seq_len=64,
+                select=("induction_selection",))
+    a = run_scan(ScanConfig(**base))
+    b = run_scan(ScanConfig(**{**base, "select": ("aaa_greedy", "induction_selection")}, plugins=(str(plug),)))
+    assert [r.id for r in b.runs][0] == "aaa_greedy" and b.runs[0].status == "ok"  # it ran first
+    sa, sb = a.output(HeadRoleScores).scores, b.output(HeadRoleScores).scores  # from random prompts
+    assert all(torch.equal(sa[k][lyr], sb[k][lyr]) for k in sa for lyr in range(len(sa[k])))
+    assert torch.equal(a.output(InductionFamily).control, b.output(InductionFamily).control)
