@@ -452,48 +452,66 @@ class Registry:
 
     def load_entry_points(self, strict: bool = False) -> None:
         """Register every ``famfind.heuristics`` entry point; a broken one is recorded."""
-        for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-            dist = ep.dist.name if ep.dist is not None else "?"
-            origin = f"{dist}[{ep.name}]"
-            try:
-                self.register(ep.load(), origin)
-            except Exception as e:  # a broken plugin must never stop a scan
-                if strict:
-                    raise FamfindError(origin, f"plugin failed to load ({_short(e)})") from None
-                self.errors.append(LoadError(origin, _short(e)))
+        self.errors += load_entry_point_group(ENTRY_POINT_GROUP, self.register, strict, "plugin")
 
     def load_file(self, path: str | Path, strict: bool = True) -> list[str]:
         """Register every Heuristic subclass defined in a local ``.py`` file; returns ids."""
-        from pathlib import Path
+        return load_plugin_file(path, Heuristic, self.register, strict, "plugin", self.errors)
 
-        p = Path(path)
-        if not p.is_file():
-            raise FamfindError(p, "plugin file not found")
-        name = f"famfind_local_plugin_{abs(hash(str(p.resolve())))}"
+
+def load_entry_point_group(group: str, register: Callable[[type, str], None], strict: bool,
+                           what: str) -> list[LoadError]:
+    """``register(cls, "dist[name]")`` every entry point of ``group`` (sorted by name). A
+    broken one raises ``FamfindError`` with ``strict``, else it is returned as a
+    :class:`LoadError` (``what``: "plugin", "proxy", for the message)."""
+    errors = []
+    for ep in sorted(entry_points(group=group), key=lambda e: e.name):
+        origin = f"{ep.dist.name if ep.dist is not None else '?'}[{ep.name}]"
         try:
-            spec = importlib.util.spec_from_file_location(name, p)
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules[name] = mod
-            spec.loader.exec_module(mod)
-        except Exception as e:
+            register(ep.load(), origin)
+        except Exception as e:  # a broken plugin must never stop a scan
             if strict:
-                raise FamfindError(p, f"plugin failed to import ({_short(e)})") from None
-            self.errors.append(LoadError(str(p), _short(e)))
-            return []
-        found = [c for c in vars(mod).values()
-                 if inspect.isclass(c) and issubclass(c, Heuristic) and c is not Heuristic
-                 and c.__module__ == name and not inspect.isabstract(c)]
-        try:
-            if not found:
-                raise FamfindError(p, "defines no famfind.plugins.Heuristic subclass")
-            for c in found:
-                self.register(c, str(p))
-        except FamfindError as e:
-            if strict:
-                raise
-            self.errors.append(LoadError(str(p), str(e)))
-            return []
-        return [c.id for c in found]
+                raise FamfindError(origin, f"{what} failed to load ({_short(e)})") from None
+            errors.append(LoadError(origin, _short(e)))
+    return errors
+
+
+def load_plugin_file(path: str | Path, base: type, register: Callable[[type, str], None], strict: bool,
+                     what: str, errors: list[LoadError]) -> list[str]:
+    """Import a local ``.py`` file as its own module and ``register(cls, path)`` every
+    concrete ``base`` subclass it defines; returns their ids. A missing file always raises
+    ``FamfindError``; a file that fails to import, defines none or declares a bad one raises
+    with ``strict``, else it is appended to ``errors`` and nothing is registered."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise FamfindError(p, f"{what} file not found")
+    name = f"famfind_local_{what}_{abs(hash(str(p.resolve())))}"
+    try:
+        spec = importlib.util.spec_from_file_location(name, p)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    except Exception as e:
+        if strict:
+            raise FamfindError(p, f"{what} failed to import ({_short(e)})") from None
+        errors.append(LoadError(str(p), _short(e)))
+        return []
+    found = [c for c in vars(mod).values()
+             if inspect.isclass(c) and issubclass(c, base) and c is not base
+             and c.__module__ == name and not inspect.isabstract(c)]
+    try:
+        if not found:
+            raise FamfindError(p, f"defines no {base.__module__}.{base.__name__} subclass")
+        for c in found:
+            register(c, str(p))
+    except FamfindError as e:
+        if strict:
+            raise
+        errors.append(LoadError(str(p), str(e)))
+        return []
+    return [c.id for c in found]
 
 
 def stored_tables(cls: type[Heuristic]) -> list[Table]:

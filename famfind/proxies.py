@@ -25,12 +25,9 @@ from __future__ import annotations
 
 import abc
 import ast
-import importlib.util
 import inspect
 import re
-import sys
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -38,6 +35,7 @@ import numpy as np
 import torch
 
 from famfind.errors import FamfindError
+from famfind.plugins import LoadError, load_entry_point_group, load_plugin_file
 
 ENTRY_POINT_GROUP = "famfind.proxies"
 ID_RE = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -146,7 +144,7 @@ class ProxyRegistry:
 
     def __init__(self):
         self.entries: dict[str, ProxyEntry] = {}
-        self.errors: list[tuple[str, str]] = []
+        self.errors: list[LoadError] = []
 
     def register(self, cls: type[Proxy], origin: str) -> None:
         validate_proxy(cls, origin)
@@ -157,40 +155,13 @@ class ProxyRegistry:
         self.entries[cls.id] = ProxyEntry(cls, origin)
 
     def load_entry_points(self, strict: bool = False) -> None:
-        for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-            origin = f"{ep.dist.name if ep.dist is not None else '?'}[{ep.name}]"
-            try:
-                self.register(ep.load(), origin)
-            except Exception as e:  # a broken proxy must never stop a scan
-                if strict:
-                    raise FamfindError(origin, f"proxy failed to load ({type(e).__name__}: {e})") from None
-                self.errors.append((origin, f"{type(e).__name__}: {e}"[:200]))
+        """Register every ``famfind.proxies`` entry point; a broken one is recorded."""
+        self.errors += load_entry_point_group(ENTRY_POINT_GROUP, self.register, strict, "proxy")
 
     def load_file(self, path: str | Path, strict: bool = True) -> list[str]:
         """Register every Proxy subclass defined in a local ``.py`` file; returns their ids.
         A missing file is always an error; an unloadable one only with ``strict``."""
-        p = Path(path)
-        if not p.is_file():
-            raise FamfindError(p, "proxy file not found")
-        name = f"famfind_local_proxy_{abs(hash(str(p.resolve())))}"
-        try:
-            spec = importlib.util.spec_from_file_location(name, p)
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules[name] = mod
-            spec.loader.exec_module(mod)
-            found = [c for c in vars(mod).values() if inspect.isclass(c) and issubclass(c, Proxy)
-                     and c.__module__ == name and not inspect.isabstract(c)]
-            if not found:
-                raise FamfindError(p, "defines no famfind.proxies.Proxy subclass")
-            for c in found:
-                self.register(c, str(p))
-        except Exception as e:
-            msg = e.problem if isinstance(e, FamfindError) else f"{type(e).__name__}: {e}"
-            if strict:
-                raise FamfindError(p, f"proxy file failed to load ({msg})") from None
-            self.errors.append((str(p), msg[:200]))
-            return []
-        return [c.id for c in found]
+        return load_plugin_file(path, Proxy, self.register, strict, "proxy", self.errors)
 
     def ids(self) -> list[str]:
         return list(self.entries)

@@ -93,8 +93,8 @@ class ProxyMarking(Heuristic):
     def run(self, ctx) -> Result:
         tok = ctx.model.tokenizer
         reg = default_proxies(ctx.config.proxies, ctx.config.strict_plugins)
-        for origin, err in reg.errors:
-            ctx.log(f"warning: proxy {origin} failed to load and was skipped: {err}")
+        for e in reg.errors:
+            ctx.log(f"warning: proxy {e.origin} failed to load and was skipped: {e.error}")
         entries = list(reg.entries.values())
         want = self.options.proxies.strip()
         if want != "all":
