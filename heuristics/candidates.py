@@ -38,9 +38,11 @@ from famfind.heuristics.dfa import DFASourceStats
 from famfind.heuristics.polysemanticity import FAMILY_TYPES, family_outcomes
 from famfind.heuristics.proxy_scores import ProxyMarks, ProxyScores
 from famfind.plugins import Column, Heuristic, Options, Output, Result, Table
+from famfind.proxies import token_strings
 
 TOKEN_CLASSES = ("space", "punctuation", "digits", "lowercase", "capitalised", "other")
 DISTANCE_BINS = (0, 1, 2, 4, 8, 16)  # lower edges, tokens
+BIN_DISTANCE = torch.tensor([0, 1, 2.5, 5.5, 11.5, 24.0])  # a typical distance in each bin (16+: 24)
 
 
 def token_class(s: str) -> int:
@@ -140,27 +142,19 @@ class CandidateFamiliesDetector(Heuristic):
         src = ctx.output(DFASourceStats)
         pm, ps = ctx.output(ProxyMarks), ctx.output(ProxyScores)
         tok = ctx.model.tokenizer
-        strs = (lambda i: tok.token_str(int(i))) if tok is not None else (lambda i: str(int(i)))
-        cls_of: dict[int, int] = {}
-
-        def klass(i: int) -> int:
-            if i not in cls_of:
-                cls_of[i] = token_class(strs(i))
-            return cls_of[i]
-
+        strs, _ = token_strings(tok, ctx.model.cfg.d_vocab)
+        vocab_class = torch.tensor([token_class(x) if tok is not None else 5 for x in strs])  # [d_vocab]
         C = len(TOKEN_CLASSES)
-        active = torch.zeros(F, C)
         seq, pos = st.top_seq, st.top_pos  # [k, d_sae]
-        ok = seq >= 0
-        toks = ctx.corpus.tokens[seq.clamp_min(0), pos.clamp_min(0)]
-        for r, f in zip(*torch.nonzero(ok, as_tuple=True)):
-            active[f, klass(int(toks[r, f]))] += 1
+        r, f = torch.nonzero(seq >= 0, as_tuple=True)
+        active = torch.zeros(F * C).index_add_(0, f * C + vocab_class[ctx.corpus.tokens[seq[r, f], pos[r, f]]],
+                                               torch.ones(f.numel())).view(F, C)
         active = active / active.sum(1, keepdim=True).clamp_min(1)
         boosted = torch.zeros(F, C)
-        top_tok = ctx.output(TopBoostedTokens).top_token
-        boosted[torch.arange(F), torch.tensor([klass(int(t)) for t in top_tok.tolist()])] = 1
+        boosted[torch.arange(F), vocab_class[ctx.output(TopBoostedTokens).top_token]] = 1
         mpa = ps.mass_precision(0).T.float()  # [d_sae, P]
-        blocks = [att.float(), distance_profile(src, F), mpa, active, boosted]
+        dprof = distance_profile(src, F)
+        blocks = [att.float(), dprof, mpa, active, boosted]
         weights = [1.0, 1.0, 1.0, 0.5, 0.5]  # four signature parts; the token-class part has two halves
         X = torch.cat([b[pool] * w / max(b.shape[1], 1) ** 0.5 for b, w in zip(blocks, weights)], 1).numpy()
         k = int(min(max(round(n / o.features_per_cluster), 2), o.max_clusters, n))
@@ -194,8 +188,7 @@ class CandidateFamiliesDetector(Heuristic):
             rows.append({
                 "candidate": c, "size": int(m.numel()), "features": order.tolist(),
                 "top_head": f"{ctx.layer}.{int(heads.argmax())}" if H else None,
-                "source_distance": float((distance_profile(src, F)[m] * torch.tensor(
-                    [0, 1, 2.5, 5.5, 11.5, 24.0])).sum(1).mean()),
+                "source_distance": float((dprof[m] * BIN_DISTANCE).sum(1).mean()),
                 "active_token_class": TOKEN_CLASSES[int(active[m].sum(0).argmax())],
                 "boosted_token_class": TOKEN_CLASSES[int(boosted[m].sum(0).argmax())],
                 "proxy": proxy, "proxy_base_rate": ba, "mass_precision_a": pa_p, "mass_precision_b": pb_p,

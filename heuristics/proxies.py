@@ -425,24 +425,23 @@ class SentenceStart(_Prose):
 # --- document -------------------------------------------------------------------------------
 
 
-class DocCode(Proxy):
+class _WholeDocument(Proxy):
+    context = "high_level"
+
+    def mark(self, doc):
+        return np.ones(doc.n_tokens, dtype=bool)
+
+
+class DocCode(_WholeDocument):
     id = "doc_code"
     description = "in a code document (the corpus's document kind)"
-    context = "high_level"
     kinds = ("code",)
 
-    def mark(self, doc):
-        return np.ones(doc.n_tokens, dtype=bool)
 
-
-class DocProse(Proxy):
+class DocProse(_WholeDocument):
     id = "doc_prose"
     description = "in a prose document (the corpus's document kind)"
-    context = "high_level"
     kinds = ("prose",)
-
-    def mark(self, doc):
-        return np.ones(doc.n_tokens, dtype=bool)
 
 
 class DocStart(Proxy):
