@@ -29,7 +29,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import polars as pl
 import torch
 
 from famfind.heuristics.attribution import HeadAttributionMatrix, TopBoostedTokens
@@ -193,9 +192,8 @@ class CandidateFamiliesDetector(Heuristic):
                 "boosted_token_class": TOKEN_CLASSES[int(boosted[m].sum(0).argmax())],
                 "proxy": proxy, "proxy_base_rate": ba, "mass_precision_a": pa_p, "mass_precision_b": pb_p,
                 "control_mass_precision_b": cb, "validated": valid})
-        cols = [c.name for c in self.tables[0].columns]
-        df = pl.DataFrame({c: [r[c] for r in rows] for c in cols})
-        return Result(output=CandidateFamilies(cluster, n, len(rows), n_val), tables={"candidate_families": df})
+        return Result(output=CandidateFamilies(cluster, n, len(rows), n_val),
+                      tables={"candidate_families": self.tables[0].frame(rows)})
 
     @classmethod
     def render_terminal(cls, section) -> None:

@@ -308,9 +308,7 @@ class ContextFeatures(Heuristic):
             out.validation += res.validation
             fams[fam] = dataclasses.replace(res.output, proxy=torch.where(selected | control, best, -1))
         out.output = ContextFamilies(**fams, proxies=list(pm.proxies))
-        cols = [c.name for c in self.tables[0].columns]
-        out.tables = {"context_family": pl.DataFrame(rows, schema=cols, orient="row") if not rows else
-                      pl.DataFrame({c: [x[c] for x in rows] for c in cols})}
+        out.tables = {"context_family": self.tables[0].frame(rows)}
         return out
 
     @classmethod
