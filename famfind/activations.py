@@ -13,6 +13,7 @@ batch, whatever the corpus size.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable
@@ -50,6 +51,19 @@ class ActivationBatch:
     def start(self) -> int:
         """Corpus row of the batch's first sequence (batches are contiguous row ranges)."""
         return int(self.seq_idx[0])
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_context(device: str, autocast: str):
+    """:func:`torch.autocast` on ``device``'s type in ``autocast``'s dtype (``"bf16"``/``"fp16"``),
+    or a no-op context for ``"none"``. Raises ``ValueError`` for another name."""
+    if autocast == "none":
+        return contextlib.nullcontext()
+    if autocast not in AUTOCAST_DTYPES:
+        raise ValueError(f"autocast must be none, bf16 or fp16, got {autocast!r}")
+    return torch.autocast(torch.device(device).type, dtype=AUTOCAST_DTYPES[autocast])
 
 
 @torch.no_grad()
@@ -364,13 +378,16 @@ class PassState:
 def activation_pass(model, sae: SAE | list[SAE], tokens: torch.Tensor, state: PassState | list[PassState],
                     batch_size: int = 32, observers: list = (),
                     progress: Callable[[int], None] | None = None, device: str = "cpu",
-                    rows: tuple[int, int] | None = None) -> PassState | list[PassState]:
+                    rows: tuple[int, int] | None = None, autocast: str = "none") -> PassState | list[PassState]:
     """Stream corpus ``rows`` ``[lo, hi)`` (all by default) of ``tokens [n_seq, seq_len]``
     through ``model`` in batches of ``batch_size`` sequences. One forward per batch runs to
     the deepest SAE's layer and captures every SAE's hook (:meth:`run_hook_zs`); each SAE's
     features update its own ``state`` and go to its own observers. ``sae``/``state`` may be
     one SAE and its state (``observers``: callbacks) or equal-length lists (``observers``: one
-    list of callbacks per SAE). ``progress(n_seqs_done)`` per batch. Returns ``state``."""
+    list of callbacks per SAE). ``progress(n_seqs_done)`` per batch. ``autocast`` (``"none"``,
+    ``"bf16"``, ``"fp16"``): the model forward runs under :func:`torch.autocast` in that dtype;
+    hook_z is cast back to fp32 before the SAE encode, so accumulators and observers see fp32.
+    Returns ``state``."""
     many = isinstance(sae, (list, tuple))
     saes, states = (list(sae), list(state)) if many else ([sae], [state])
     obs = [list(o) for o in observers] if many else [list(observers)]
@@ -379,8 +396,9 @@ def activation_pass(model, sae: SAE | list[SAE], tokens: torch.Tensor, state: Pa
     lo, hi = rows or (0, tokens.shape[0])
     for start in range(lo, hi, batch_size):
         toks = tokens[start:min(start + batch_size, hi)].to(device)
-        with torch.no_grad():
+        with torch.no_grad(), autocast_context(device, autocast):
             zs = model.run_hook_zs(toks, layers) if len(layers) > 1 else {layers[0]: model.run_hook_z(toks, layers[0])}
+        zs = {k: v.float() for k, v in zs.items()}
         seq_idx = torch.arange(start, start + toks.shape[0])
         for s, st, ob in zip(saes, states, obs):
             z = zs[s.layer]

@@ -59,6 +59,9 @@ err = Console(stderr=True)
 _state = {"debug": False}
 
 DbOpt = Annotated[Path, typer.Option("--db", help="DuckDB file with the scan tables.")]
+HookOpt = Annotated[Optional[str], typer.Option(help="blocks.L.attn.hook_z: the hook of an SAE whose format does not "
+                                                "record it (Gemma Scope params.npz, dictionary_learning ae.pt, "
+                                                "sparsify).")]
 LLM_PANEL = "LLM labelling"
 BaseUrlOpt = Annotated[Optional[str], typer.Option(
     "--llm-base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (vLLM, Ollama, "
@@ -167,6 +170,7 @@ def scan(
                                                       "(default: from the SAE's metadata).")] = None,
     corpus: Annotated[Optional[str], typer.Option(help="Tokens .npy, text file, directory, .jsonl or .parquet "
                                                        "(default: the shipped held-out eval tokens).")] = None,
+    hook: HookOpt = None,
     db: DbOpt = Path("famfind.duckdb"),
     select: Annotated[Optional[list[str]], typer.Option(help="Run only these detector ids (and what they require).")] = None,
     skip: Annotated[Optional[list[str]], typer.Option(help="Skip these detector ids.")] = None,
@@ -177,8 +181,14 @@ def scan(
         "--set", help="A detector option, DETECTOR.KEY=VALUE (repeatable; wins over --config), e.g. "
         "--set induction_selection.selection_threshold=0.7.")] = None,
     max_tokens: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N corpus tokens.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N or auto (cuda when torch sees a GPU). "
+                                                  "Default: cpu.")] = None,
+    autocast: Annotated[Optional[str], typer.Option(help="Run the activation pass's model forward in bf16 or "
+                                                    "fp16 (the SAE encode stays fp32); none by default.")] = None,
+    ray: Annotated[Optional[str], typer.Option(help="Shard the activation pass over a Ray cluster: auto (the "
+                                               "running one, else a local one) or its ADDRESS. Needs famfind[ray].")] = None,
     config: Annotated[Optional[Path], typer.Option(help="TOML with [scan] keys and [detectors.<id>] options.")] = None,
-    strict_plugins: Annotated[bool, typer.Option(help="A failing plugin stops the scan.")] = False,
+    strict_plugins: Annotated[bool, typer.Option("--strict-plugins", help="A failing plugin stops the scan.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No report, only the scan id.")] = False,
     lock_timeout: Annotated[float, typer.Option(min=0, help="Seconds to wait for the database when another "
                                                 "process holds it at the end of the scan; then the scan is saved "
@@ -201,6 +211,7 @@ def scan(
     Example: famfind scan release_dir/        # every SAE folder in it, one forward pass
     Example: famfind scan --set head_roles.induction_head_threshold=0.3 --select induction_selection
     Example: famfind scan --label --llm-base-url http://127.0.0.1:8000/v1 --llm-model qwen2.5-7b
+    Example: famfind scan sae_dir --device cuda --autocast bf16 --ray auto   # shards on every GPU of a Ray cluster
     """
     from famfind.db import check_writable, connect, write_scan
     from famfind.scan import ScanConfig, run_scan
@@ -219,11 +230,15 @@ def scan(
     cli = {"sae": tuple(sae or ()), "model": model, "corpus": corpus, "max_tokens": max_tokens,
            "select": tuple(select or ()), "skip": tuple(skip or ()),
            "plugins": tuple(str(p) for p in plugin or ()), "proxies": tuple(str(p) for p in proxy or ()),
-           "strict_plugins": strict_plugins or None}
+           "strict_plugins": strict_plugins or None, "device": device, "autocast": autocast, "ray": ray,
+           "hook": hook}
     base.update({k: v for k, v in cli.items() if v not in (None, ())})
     from famfind.plugins import default_registry
 
     scan_cfg = ScanConfig.from_dict({**base, "sae": base.get("sae") or (), "detector_options": det_opts})
+    from famfind.scan import resolve_device
+
+    resolve_device(scan_cfg.device)  # an unknown or missing device fails now, not inside the scan
     check_writable(db)  # a locked or unwritable database fails now, not after the scan
     reg = default_registry(scan_cfg.plugins, scan_cfg.strict_plugins)
     for e in reg.errors:
@@ -475,6 +490,64 @@ def heuristics_list(
 
 @app.command()
 @guarded
+def inspect(
+    sae: Annotated[list[str], typer.Argument(help="SAE paths or folders of SAE folders, as `famfind scan` takes.")],
+    hook: HookOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Output a JSON array of objects.")] = False,
+):
+    """Print what famfind detects in SAEs: format, architecture, hook, d_in, d_sae, dtype, and the model each names.
+
+    Example: famfind inspect gemma-scope/layer_5/params.npz --hook blocks.5.attn.hook_z
+    """
+    import json
+
+    from famfind.sae import detect_format, load_sae, sae_paths
+
+    rows = []
+    for spec in sae:
+        for p in sae_paths(spec):
+            fmt = detect_format(p)
+            s = load_sae(p, hook)
+            rows.append({"path": str(p), "format": fmt, "architecture": s.architecture,
+                         "k": s.k, "hook": s.hook_name, "layer": s.layer, "d_in": s.d_in, "d_sae": s.d_sae,
+                         "dtype": str(s.W_enc.dtype).removeprefix("torch."), "apply_b_dec_to_input": s.apply_b_dec_to_input,
+                         "model": s.model_name})
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    from rich.table import Table as RTable
+    from rich.text import Text
+
+    for r in rows:
+        t = RTable(title=Text(r["path"]), show_header=False)
+        t.add_column("field")
+        t.add_column("value", overflow="fold")
+        for k, v in list(r.items())[1:]:
+            t.add_row(k, Text("-" if v is None else str(v)))
+        Console().print(t)
+
+
+@app.command()
+@guarded
+def export(
+    parquet: Annotated[Path, typer.Option("--parquet", help="Folder to write (new or empty): one <table>.parquet "
+                                          "per table of the scan, and SCHEMA.md.")],
+    db: DbOpt = Path("famfind.duckdb"),
+    scan_id: Annotated[Optional[int], typer.Option(help="Scan to export (default: the latest).")] = None,
+    plugin: Annotated[Optional[list[Path]], typer.Option(help="A local plugin file whose tables' docs to use.")] = None,
+):
+    """Export every table of one stored scan as Parquet (DuckDB COPY), with the schema beside it.
+
+    Example: famfind export --db famfind.duckdb --parquet scan_1/ --scan-id 1
+    """
+    from famfind.export import export_parquet
+
+    written = export_parquet(db, parquet, scan_id, tuple(str(p) for p in plugin or ()))
+    _line(f"famfind: wrote {len(written)} tables and SCHEMA.md to {parquet}")
+
+
+@app.command()
+@guarded
 def tables(
     plugin: Annotated[Optional[list[Path]], typer.Option(help="Also load this local plugin file.")] = None,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print the README's table section.")] = False,
@@ -514,7 +587,7 @@ def tables(
 @guarded
 def build_default(
     build_dir: Annotated[Path, typer.Option(help="Working directory for the build.")] = Path("build/default"),
-    install: Annotated[bool, typer.Option(help="Copy the artefacts into famfind/data/default.")] = False,
+    install: Annotated[bool, typer.Option("--install", help="Copy the artefacts into famfind/data/default.")] = False,
 ):
     """Rebuild the embedded default from scratch (corpus, tokenizer, model, SAE, cards).
 

@@ -223,23 +223,46 @@ def _window(pieces: _Pieces, toks: np.ndarray, pos: int) -> tuple[str, list[str]
     return "".join(words[:j]) + f"[[{words[j]}]]" + "".join(words[j + 1:]), words, j
 
 
-def _example_rows(pieces, toks, acts, seqs, poss, wins, live) -> list[dict]:
-    """One row per (rank, live feature) with seq >= 0: context, tokens, acts of the window."""
+def _example_frame(table, key: dict, pieces: _Pieces, toks: np.ndarray, acts: np.ndarray, seqs: np.ndarray,
+                   poss: np.ndarray, wins: np.ndarray | None, live: np.ndarray) -> pl.DataFrame:
+    """``table``'s rows (examples or activation samples), one per (live feature, rank) with
+    seq >= 0, ordered by feature then rank: the window (offsets :data:`famfind.activations.WINDOW`
+    clipped to the sequence) as text with the position's token in [[ ]], its tokens, and the
+    feature's activation on each. ``toks [n_seq, T]``; ``acts/seqs/poss [k, d_sae]``; ``wins
+    [k, d_sae, 16]``. Vectorised: each distinct token is decoded once, the list columns are
+    built from offsets (no Python object per row but the context string)."""
+    import pyarrow as pa
+
     from famfind.activations import WINDOW
 
-    rows = []
-    for f in live:
-        for r in range(acts.shape[0]):
-            s, p = int(seqs[r, f]), int(poss[r, f])
-            if s < 0:
-                continue
-            ctx, words, j = _window(pieces, toks[s], p)
-            a0 = -j - WINDOW[0]  # window slot of its first token (the window starts at p - j)
-            w = None if wins is None else wins[r, f, a0:a0 + len(words)]
-            rows.append({"feature": int(f), "rank": r, "seq": s, "pos": p, "act": float(acts[r, f]),
-                         "context": ctx, "tokens": words,
-                         "acts": None if w is None else [round(float(x), 4) for x in w]})
-    return rows
+    sub = seqs[:, live] >= 0  # [k, n_live]
+    f_i, r_i = np.nonzero(sub.T)  # ordered by feature, then rank
+    f, r = live[f_i], r_i
+    s, p = seqs[r, f].astype(np.int64), poss[r, f].astype(np.int64)
+    T, Wn = toks.shape[1], WINDOW[1] - WINDOW[0]
+    lo, hi = np.maximum(0, p + WINDOW[0]), np.minimum(T, p + WINDOW[1])
+    n, j = hi - lo, p - np.maximum(0, p + WINDOW[0])
+    slot = np.arange(Wn)
+    valid = slot[None, :] < n[:, None]  # [rows, 16]
+    ids = toks[s[:, None], np.minimum(lo[:, None] + slot[None, :], T - 1)][valid]
+    uniq, inv = np.unique(ids, return_inverse=True)
+    words = np.array([pieces(int(t)) for t in uniq], dtype=object)[inv]  # flat, row after row
+    offsets = np.concatenate([[0], np.cumsum(n)]).astype(np.int32)
+    wl = words.tolist()
+    ctx = ["".join(wl[o:o + jj]) + "[[" + wl[o + jj] + "]]" + "".join(wl[o + jj + 1:o + nn])
+           for o, jj, nn in zip(offsets[:-1].tolist(), j.tolist(), n.tolist())]
+    a0 = -j - WINDOW[0]  # window slot of each row's first token
+    cols = {**{k: [v] * len(f) for k, v in key.items()},
+            "feature": f.astype(np.int32), "rank": r.astype(np.int32), "seq": s.astype(np.int32),
+            "pos": p.astype(np.int32), "act": acts[r, f].astype(np.float64), "context": ctx,
+            "tokens": pl.from_arrow(pa.ListArray.from_arrays(pa.array(offsets), pa.array(wl, pa.string())))}
+    if wins is not None:
+        w = wins[r[:, None], f[:, None], np.clip(a0[:, None] + slot[None, :], 0, Wn - 1)][valid]
+        cols["acts"] = pl.from_arrow(pa.ListArray.from_arrays(pa.array(offsets),
+                                                              pa.array(np.round(w.astype(np.float64), 4), pa.float32())))
+    else:
+        cols["acts"] = [None] * len(f)
+    return table.frame(cols)
 
 
 def _sae_frames(u, tokens: np.ndarray, pieces: _Pieces) -> dict[str, list[pl.DataFrame]]:
@@ -262,8 +285,8 @@ def _sae_frames(u, tokens: np.ndarray, pieces: _Pieces) -> dict[str, list[pl.Dat
     for name, acts, seqs, poss, wins in (("examples", st.top_acts, st.top_seq, st.top_pos, st.top_win),
                                           ("activation_samples", st.sample_acts, st.sample_seq, st.sample_pos,
                                            st.sample_win)):
-        rows = _example_rows(pieces, tokens, acts.numpy(), seqs.numpy(), poss.numpy(), wins.float().numpy(), live)
-        add(name, CORE_BY_NAME[name].frame([{**key, **r} for r in rows]))
+        add(name, _example_frame(CORE_BY_NAME[name], key, pieces, tokens, acts.numpy(), seqs.numpy(), poss.numpy(),
+                                 wins.float().numpy(), live))
     rc = []
     for s_, p_, a_ in zip(st.random_seq.tolist(), st.random_pos.tolist(), st.random_active):
         c, words, _ = _window(pieces, tokens[s_], p_)

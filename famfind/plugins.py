@@ -41,6 +41,7 @@ import inspect
 import re
 import sys
 import textwrap
+import zlib
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, TypeVar
@@ -487,7 +488,7 @@ def load_plugin_file(path: str | Path, base: type, register: Callable[[type, str
     p = Path(path)
     if not p.is_file():
         raise FamfindError(p, f"{what} file not found")
-    name = f"famfind_local_{what}_{abs(hash(str(p.resolve())))}"
+    name = f"famfind_local_{what}_{zlib.crc32(str(p.resolve()).encode()):08x}"  # the same in every process (Ray workers)
     try:
         spec = importlib.util.spec_from_file_location(name, p)
         mod = importlib.util.module_from_spec(spec)

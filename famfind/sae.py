@@ -7,7 +7,11 @@ Formats (each loader names the file and the missing key or bad shape on error):
 - a single ``.safetensors``: config in ``cfg.json`` beside it, or as JSON in the
   safetensors metadata under ``"cfg"``;
 - Kissane et al. (2024) ``.pt`` state dict + ``*_cfg.json`` (``act_size``, ``dict_size``,
-  ``act_name``, ``layer``, ``model_name``), read with ``torch.load(weights_only=True)``.
+  ``act_name``, ``layer``, ``model_name``), read with ``torch.load(weights_only=True)``;
+- Gemma Scope native ``params.npz`` (JumpReLU), ``dictionary_learning`` ``ae.pt`` state
+  dicts (AutoEncoder, AutoEncoderTopK, JumpReluAutoEncoder) and EleutherAI ``sparsify``
+  folders (``cfg.json`` + ``sae.safetensors``, TopK): these do not record their hook, which
+  ``load_sae(path, hook=...)`` (``--hook``) supplies.
 
 Encoding matches SAELens exactly: ``x - b_dec`` when ``apply_b_dec_to_input``, then
 ``relu(x W_enc + b_enc)`` (standard), ``TopK`` + ReLU (topk), or ReLU masked by
@@ -225,7 +229,7 @@ class KissanePtLoader:
     name = "kissane-pt"
 
     def matches(self, path: Path) -> bool:
-        return path.suffix == ".pt"
+        return path.suffix == ".pt" and path.with_name(path.stem + "_cfg.json").exists()
 
     def load(self, path: Path) -> SAE:
         cfg_path = path.with_name(path.stem + "_cfg.json")
@@ -250,41 +254,176 @@ class KissanePtLoader:
         return sae
 
 
-LOADERS: tuple[SAELoader, ...] = (SAELensDirLoader(), SafetensorsFileLoader(), KissanePtLoader())
+NO_HOOK = "<none>"  # hook_name of a format that does not record its hook, until --hook sets it
 
 
-def load_sae(path: str | Path) -> SAE:
-    """Load and validate an attention SAE from any supported format.
+def _check_hook(hook: str, where) -> str:
+    if not HOOK_Z_RE.match(hook):
+        raise FamfindError(where, f"{hook!r} is not an attention hook_z hook (expected blocks.L.attn.hook_z)")
+    return hook
 
-    Raises ``FamfindError(path, problem)`` for a missing file, unknown format, missing key,
-    bad shape, unknown architecture, or a hook that is not ``blocks.{L}.attn.hook_z``.
-    """
+
+class GemmaScopeNpzLoader:
+    """Gemma Scope's native release file (Lieberum et al. 2024): ``params.npz`` with ``W_enc
+    [d_in, d_sae]``, ``W_dec [d_sae, d_in]``, ``b_enc``, ``b_dec``, ``threshold``; JumpReLU,
+    encoded as ``relu(pre) * (pre > threshold)`` with ``pre = x W_enc + b_enc`` (no ``b_dec``
+    subtracted from the input). The hook is not recorded: ``--hook``."""
+
+    name = "gemma-scope-npz"
+
+    def matches(self, path: Path) -> bool:
+        return path.suffix == ".npz" or (path.is_dir() and (path / "params.npz").exists())
+
+    def load(self, path: Path) -> SAE:
+        import numpy as np
+
+        path = path / "params.npz" if path.is_dir() else path
+        try:
+            with np.load(path) as z:
+                w = {k: torch.from_numpy(np.array(z[k])) for k in z.files}
+        except (OSError, ValueError) as e:
+            raise FamfindError(path, f"not a readable .npz file ({str(e).splitlines()[0][:120]})") from None
+        return SAE(W_enc=_need(w, "W_enc", path, "array"), W_dec=_need(w, "W_dec", path, "array"),
+                   b_enc=_need(w, "b_enc", path, "array"), b_dec=_need(w, "b_dec", path, "array"),
+                   threshold=_need(w, "threshold", path, "array"), architecture="jumprelu",
+                   apply_b_dec_to_input=False, hook_name=NO_HOOK, path=str(path), cfg_path=str(path),
+                   cfg={"format": self.name})
+
+
+class DictionaryLearningLoader:
+    """``dictionary_learning`` (Marks et al.) state dicts, ``ae.pt`` (read with
+    ``torch.load(weights_only=True)``), with its ``config.json`` beside it when there:
+    ``AutoEncoder`` (``encoder``/``decoder`` Linear weights, ``encoder.bias``, ``bias`` =
+    b_dec; ``relu(encoder(x - bias))``), ``AutoEncoderTopK`` (``encoder``/``decoder`` Linear,
+    ``b_dec``, buffer ``k``; top-k of ``relu(encoder(x - b_dec))``) and
+    ``JumpReluAutoEncoder`` (``W_enc``, ``W_dec``, ``b_enc``, ``b_dec``, ``threshold``;
+    ``relu(pre) * (pre > threshold)``, ``pre = x W_enc + b_enc``: its
+    ``apply_b_dec_to_input`` defaults to False and is not saved). The hook is
+    not recorded (``submodule_name`` names a module, not a hook_z site): ``--hook``."""
+
+    name = "dictionary-learning-pt"
+
+    def matches(self, path: Path) -> bool:
+        return (path.suffix == ".pt" and not path.with_name(path.stem + "_cfg.json").exists()) or \
+            (path.is_dir() and (path / "ae.pt").exists())
+
+    def load(self, path: Path) -> SAE:
+        path = path / "ae.pt" if path.is_dir() else path
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises several types for a bad/unsafe pickle
+            raise FamfindError(path, f"not a loadable weights-only torch file ({type(e).__name__})") from None
+        if not isinstance(sd, dict):
+            raise FamfindError(path, f"holds a {type(sd).__name__}, not a state dict")
+        beside = path.parent / "config.json"
+        cfg = _read_json(beside) if beside.exists() else {}
+        trainer = cfg.get("trainer", {}) if isinstance(cfg.get("trainer"), dict) else {}
+        common = dict(hook_name=NO_HOOK, path=str(path), cfg_path=str(beside if beside.exists() else path),
+                      cfg={"format": self.name, **cfg}, model_name=trainer.get("lm_name"))
+        sd = dict(sd)
+        if "W_enc" in sd:  # JumpReluAutoEncoder
+            return SAE(W_enc=sd["W_enc"], W_dec=_need(sd, "W_dec", path, "tensor"),
+                       b_enc=_need(sd, "b_enc", path, "tensor"), b_dec=_need(sd, "b_dec", path, "tensor"),
+                       threshold=_need(sd, "threshold", path, "tensor"), architecture="jumprelu",
+                       apply_b_dec_to_input=False, **common)  # the class's default
+        if "encoder.weight" not in sd:
+            raise FamfindError(path, "not a dictionary_learning state dict (no 'encoder.weight' or 'W_enc'), and "
+                               f"no Kissane {path.stem}_cfg.json beside it")
+        enc, dec = sd["encoder.weight"], _need(sd, "decoder.weight", path, "tensor")
+        b_enc = _need(sd, "encoder.bias", path, "tensor")
+        if "k" in sd:  # AutoEncoderTopK
+            return SAE(W_enc=enc.T.contiguous(), W_dec=dec.T.contiguous(), b_enc=b_enc,
+                       b_dec=_need(sd, "b_dec", path, "tensor"), architecture="topk", k=int(sd["k"]), **common)
+        return SAE(W_enc=enc.T.contiguous(), W_dec=dec.T.contiguous(), b_enc=b_enc,
+                   b_dec=_need(sd, "bias", path, "tensor"), **common)
+
+
+class SparsifyLoader:
+    """EleutherAI ``sparsify`` folders: ``cfg.json`` (``k``, ``num_latents``, ...) +
+    ``sae.safetensors`` (``encoder.weight [d_sae, d_in]``, ``encoder.bias``, ``W_dec [d_sae,
+    d_in]``, ``b_dec``); TopK: top-k of ``relu(encoder(x - b_dec))``. The folder's name is a
+    Hugging Face module path, not a hook_z site: ``--hook``."""
+
+    name = "sparsify"
+
+    def matches(self, path: Path) -> bool:
+        return path.is_dir() and (path / "sae.safetensors").exists() and (path / SAELENS_CFG).exists()
+
+    def load(self, path: Path) -> SAE:
+        cfg = _read_json(path / SAELENS_CFG)
+        w, _ = _read_safetensors(path / "sae.safetensors")
+        k = cfg.get("k")
+        if not isinstance(k, int) or k < 1:
+            raise FamfindError(path / SAELENS_CFG, f"'k' must be a positive integer, got {k!r}")
+        if cfg.get("multi_topk") or cfg.get("skip_connection") or cfg.get("transcode"):
+            raise FamfindError(path / SAELENS_CFG, "multi_topk, skip_connection and transcoder SAEs are not "
+                               "attention-output SAEs famfind reads")
+        enc = _need(w, "encoder.weight", path / "sae.safetensors", "tensor")
+        return SAE(W_enc=enc.T.contiguous(), W_dec=_need(w, "W_dec", path / "sae.safetensors", "tensor"),
+                   b_enc=_need(w, "encoder.bias", path / "sae.safetensors", "tensor"),
+                   b_dec=_need(w, "b_dec", path / "sae.safetensors", "tensor"), architecture="topk", k=k,
+                   hook_name=NO_HOOK, path=str(path / "sae.safetensors"), cfg_path=str(path / SAELENS_CFG),
+                   cfg={"format": self.name, **cfg})
+
+
+LOADERS: tuple[SAELoader, ...] = (SparsifyLoader(), DictionaryLearningLoader(), GemmaScopeNpzLoader(),
+                                  SAELensDirLoader(), SafetensorsFileLoader(), KissanePtLoader())
+
+
+def detect_format(path: str | Path) -> str:
+    """The name of the loader that reads ``path`` (see :data:`LOADERS`); ``FamfindError``
+    naming the path when none does."""
     p = Path(path)
     if not p.exists():
         raise FamfindError(p, "file not found")
     for loader in LOADERS:
         if loader.matches(p):
-            sae = loader.load(p)
-            sae.validate()
-            return sae
-    raise FamfindError(p, "unknown SAE format; expected a SAELens directory, a .safetensors file, "
-                       "or a Kissane-format .pt with its _cfg.json")
+            return loader.name
+    raise FamfindError(p, "unknown SAE format; expected a SAELens or sparsify directory, a .safetensors file, a "
+                       "Kissane-format .pt with its _cfg.json, a dictionary_learning ae.pt or a Gemma Scope params.npz")
+
+
+def load_sae(path: str | Path, hook: str | None = None) -> SAE:
+    """Load and validate an attention SAE from any supported format (:data:`LOADERS`).
+
+    ``hook`` (``blocks.L.attn.hook_z``) is the hook of a format that does not record one
+    (Gemma Scope ``params.npz``, dictionary_learning ``ae.pt``, sparsify); for one that does
+    it must agree. Raises ``FamfindError(path, problem)`` for a missing file, unknown format,
+    missing key, bad shape, unknown architecture, a hook that is not
+    ``blocks.{L}.attn.hook_z``, a missing ``hook``, or a ``hook`` that contradicts the file.
+    """
+    p = Path(path)
+    name = detect_format(p)
+    sae = next(ld for ld in LOADERS if ld.name == name).load(p)
+    if hook is not None:
+        _check_hook(hook, "--hook")
+        if sae.hook_name == NO_HOOK:
+            sae.hook_name = hook
+        elif sae.hook_name != hook:
+            raise FamfindError(sae.cfg_path or p, f"records hook {sae.hook_name!r} but --hook says {hook!r}")
+    if sae.hook_name == NO_HOOK:
+        raise FamfindError(p, f"a {name} SAE does not record its hook: pass --hook blocks.L.attn.hook_z")
+    sae.validate()
+    return sae
 
 
 def sae_paths(path: str | Path) -> list[Path]:
     """The SAEs a path names: itself when a loader reads it, else (a folder of SAE folders or
     files, as a SAELens release lays out one folder per hook) each entry of the folder that is
-    an SAE (a folder with ``cfg.json``, a ``.safetensors`` file, a ``.pt`` with its
-    ``_cfg.json``), sorted by name. Raises ``FamfindError`` naming the path when it does not
+    an SAE (a folder with ``cfg.json``, ``ae.pt`` or ``params.npz``; a ``.safetensors``,
+    ``.pt`` or ``.npz`` file), sorted by name. Raises ``FamfindError`` naming the path when it does not
     exist or holds no SAE."""
     p = Path(path)
     if not p.exists():
         raise FamfindError(p, "file not found")
     if not p.is_dir() or (p / SAELENS_CFG).exists():
         return [p]
+    if any(ld.matches(p) for ld in LOADERS[:3]):  # a sparsify, dictionary_learning or Gemma Scope folder
+        return [p]
     found = sorted(q for q in p.iterdir()
-                   if (q.is_dir() and (q / SAELENS_CFG).exists()) or q.suffix == ".safetensors"
-                   or (q.suffix == ".pt" and q.with_name(q.stem + "_cfg.json").exists()))
+                   if (q.is_dir() and ((q / SAELENS_CFG).exists() or (q / "ae.pt").exists()
+                                       or (q / "params.npz").exists()))
+                   or q.suffix in (".safetensors", ".pt", ".npz"))
     if not found:
         raise FamfindError(p, f"no SAE here: neither {SAELENS_CFG} nor a folder of SAE folders")
     return found

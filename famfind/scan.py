@@ -21,11 +21,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import numbers
+import sys
 import time
+import types
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any, Callable, Literal
 
 import numpy as np
 import torch
@@ -49,6 +51,7 @@ class ScanConfig:
     ``from_dict`` names the first bad key."""
 
     sae: tuple[str, ...] | str = ()  # SAE paths or folders of SAE folders (none: the embedded default's)
+    hook: str | None = None  # blocks.L.attn.hook_z of SAEs whose format does not record it
     model: str | None = None
     corpus: str | None = None
     seq_len: StrictPositiveInt = 128  # the context length gelu-2l's attention SAEs were trained on
@@ -65,7 +68,9 @@ class ScanConfig:
     strict_plugins: Annotated[bool, Field(strict=True)] = False
     detector_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     seed: Annotated[int, Field(strict=True)] = 0
-    device: str = "cpu"
+    device: Literal["cpu", "cuda", "auto"] | str = "cpu"  # "cuda:1" too; "auto": cuda when available
+    autocast: Literal["none", "bf16", "fp16"] = "none"  # the pass's model forward in this precision (SAE encode fp32)
+    ray: str | None = None  # "auto" or a Ray cluster address: the pass's shards run on Ray workers
 
     def __post_init__(self):
         if isinstance(self.sae, str):  # one path
@@ -190,14 +195,16 @@ def check_compatible(sae: SAE, model: AttnModel) -> None:
                            f"{c.n_heads}*{c.d_head} = {c.n_heads * c.d_head}")
 
 
-def load_saes(specs: tuple[str, ...], model: str | None, device: str = "cpu") -> tuple[list[tuple[str, Path, SAE]], str]:
+def load_saes(specs: tuple[str, ...], model: str | None, device: str = "cpu",
+              hook: str | None = None) -> tuple[list[tuple[str, Path, SAE]], str]:
     """Every SAE the specs name (paths, or folders of SAE folders; none: the embedded default's
     release folder), as ``(name, path, sae)`` in layer order, and the model spec they share.
+    ``hook``: the hook of SAEs whose format does not record one (:func:`famfind.sae.load_sae`).
     Names are hook names (plus ``/file name`` when two SAEs share a hook). Raises
     ``FamfindError`` naming the SAE whose ``model_name`` disagrees with the first's (unless
     ``model`` is given)."""
     paths = [q for spec in (specs or (str(default_dir() / "saes"),)) for q in sae_paths(spec)]
-    loaded = [(q, load_sae(q).to(device)) for q in paths]
+    loaded = [(q, load_sae(q, hook).to(device)) for q in paths]
     spec0 = resolve_model_spec(loaded[0][1], model, loaded[0][0])
     if model is None:  # every SAE names the first one's model
         for q, sae in loaded[1:]:
@@ -353,6 +360,22 @@ class _Runner:
         return f" on {self.ctx.sae_id}" if self.ctx.sae_id else ""
 
 
+def resolve_device(device: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when torch sees a GPU, else ``"cpu"``; ``"cpu"``/``"cuda"``/
+    ``"cuda:N"`` as given. Raises ``FamfindError("device", ...)`` for another name, or for
+    cuda when torch sees no GPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise FamfindError("device", f"{device!r} requested but torch sees no CUDA GPU "
+                               f"(torch {torch.__version__}; use --device cpu or auto)")
+        return device
+    raise FamfindError("device", f"unknown device {device!r}; use cpu, cuda, cuda:N or auto")
+
+
 def detector_seed(seed: int, hid: str) -> int:
     """The seed of detector ``hid``'s generator in a scan seeded with ``seed``."""
     return (seed * 1_000_003 + zlib.crc32(hid.encode())) % (1 << 62)
@@ -366,48 +389,77 @@ def shard_rows(n_seq: int, shards: int) -> list[tuple[int, int]]:
     return [(lo, hi) for lo, hi in zip(cuts, cuts[1:]) if hi > lo]
 
 
-def _pass(units: list[_Runner], order: list[str], config: ScanConfig, progress_factory) -> list[FeatureStats]:
+def _observing(units: list[_Runner], order: list[str]) -> list[list[str]]:
+    """Per unit, the ids of its ``needs="activations"`` detectors whose ``start`` succeeded
+    (they observe the pass)."""
+    return [[h for h in order if u.dets.get(h) is not None and u.dets[h].needs == "activations"
+             and u.step(h, "start", u.dets[h].start)] for u in units]
+
+
+def run_shard(units: list[_Runner], observing: list[list[str]], config: ScanConfig, lo: int, hi: int,
+              progress: Callable[[int], None] | None, own: bool) -> tuple[list[PassState], list[dict[str, Heuristic]]]:
+    """The activation pass over corpus rows ``[lo, hi)``: fresh accumulators per unit and the
+    observing detectors' instances (``own``: the units' own, already started; else new
+    instances, started here). Returns ``(states, instances)``, one per unit, to merge."""
+    n_seq, T = units[0].ctx.corpus.tokens.shape
+    n_heads = units[0].ctx.model.cfg.n_heads
+    states = [PassState(u.ctx.sae, n_heads, n_seq, T, config.top_k, config.n_samples, config.n_random,
+                        config.seed, config.device) for u in units]
+    insts: list[dict[str, Heuristic]] = []
+    for u, obs in zip(units, observing):
+        mine = {}
+        for h in obs:
+            if own:
+                mine[h] = u.dets[h]
+            elif u.ok(h):
+                mine[h] = type(u.dets[h])(u.dets[h].options)
+                u.step(h, "start", mine[h].start)
+        insts.append(mine)
+
+    def observer(u, h, inst):
+        return lambda batch: u.ok(h) and u.step(h, "observe", lambda c: inst.observe(batch, c))
+
+    activation_pass(units[0].ctx.model, [u.ctx.sae for u in units], units[0].ctx.corpus.tokens, states,
+                    config.batch_size, [[observer(u, h, inst) for h, inst in mine.items()]
+                                        for u, mine in zip(units, insts)],
+                    progress, config.device, (lo, hi), config.autocast)
+    return states, insts
+
+
+def merge_shard(units: list[_Runner], totals: list[PassState], states: list[PassState],
+                insts: list[dict[str, Heuristic]]) -> None:
+    """Fold one shard's accumulators into ``totals`` and its detector instances into the
+    units' own (``states is totals``: only the detectors)."""
+    for u, tot, st, mine in zip(units, totals, states, insts):
+        if st is not tot:
+            tot.merge(st)
+        for h, inst in mine.items():
+            if u.ok(h) and inst is not u.dets[h]:
+                u.step(h, "merge", lambda c, u=u, h=h, inst=inst: u.dets[h].merge(inst))
+
+
+def _pass(units: list[_Runner], order: list[str], config: ScanConfig, progress_factory,
+          requested_device: str) -> list[FeatureStats]:
     """The activation pass over every shard: one forward per batch for all SAEs; each SAE
     (unit) has its own accumulators and observing detector instances per shard, merged in
-    corpus order. Returns each unit's :class:`FeatureStats`."""
-    ctx0 = units[0].ctx
-    tokens = ctx0.corpus.tokens
-    n_seq, T = tokens.shape
-    n_heads = ctx0.model.cfg.n_heads
-    observing = [[h for h in order if u.dets.get(h) is not None and u.dets[h].needs == "activations"
-                  and u.step(h, "start", u.dets[h].start)] for u in units]
+    corpus order (shards on Ray workers with ``config.ray``:
+    :func:`famfind.distributed.ray_pass`). Returns each unit's :class:`FeatureStats`."""
+    n_seq = units[0].ctx.corpus.tokens.shape[0]
+    observing = _observing(units, order)
     adv = progress_factory("activation pass", n_seq) if progress_factory else None
+    if config.ray:
+        from famfind.distributed import ray_pass
+
+        totals = ray_pass(units, observing, config, adv, requested_device)
+        return [t.finalize() for t in totals]
     totals: list[PassState] | None = None
     done = 0
     for lo, hi in shard_rows(n_seq, config.shards):
-        states = [PassState(u.ctx.sae, n_heads, n_seq, T, config.top_k, config.n_samples, config.n_random,
-                            config.seed, config.device) for u in units]
-        insts: list[dict[str, Heuristic]] = []
-        for u, obs in zip(units, observing):
-            mine = {}
-            for h in obs:
-                if totals is None:
-                    mine[h] = u.dets[h]
-                elif u.ok(h):
-                    mine[h] = type(u.dets[h])(u.dets[h].options)
-                    u.step(h, "start", mine[h].start)
-            insts.append(mine)
-
-        def observer(u, h, inst):
-            return lambda batch: u.ok(h) and u.step(h, "observe", lambda c: inst.observe(batch, c))
-
-        activation_pass(ctx0.model, [u.ctx.sae for u in units], tokens, states, config.batch_size,
-                        [[observer(u, h, inst) for h, inst in mine.items()] for u, mine in zip(units, insts)],
-                        (lambda n, d=done: adv(d + n)) if adv else None, config.device, (lo, hi))
+        states, insts = run_shard(units, observing, config, lo, hi,
+                                  (lambda n, d=done: adv(d + n)) if adv else None, own=totals is None)
         done += hi - lo
-        if totals is None:
-            totals = states
-            continue
-        for u, tot, st, mine in zip(units, totals, states, insts):
-            tot.merge(st)
-            for h, inst in mine.items():
-                if u.ok(h):
-                    u.step(h, "merge", lambda c, u=u, h=h, inst=inst: u.dets[h].merge(inst))
+        totals = totals or states
+        merge_shard(units, totals, states, insts)
     return [t.finalize() for t in totals]
 
 
@@ -425,6 +477,8 @@ def run_scan(config: ScanConfig, registry: Registry | None = None,
     with ``strict_plugins``, for a failing detector.
     """
     t0 = time.time()
+    requested_device = config.device
+    config = dataclasses.replace(config, device=resolve_device(config.device))
     torch.manual_seed(config.seed)
     reg = registry or default_registry(config.plugins, config.strict_plugins)
     ids = selected_ids(reg, config.select, config.skip)  # a bad selection fails before anything loads
@@ -437,7 +491,7 @@ def run_scan(config: ScanConfig, registry: Registry | None = None,
     for f in config.proxies:  # read by proxy_marks; a missing file is bad input, found before any loading
         if not Path(f).is_file():
             raise FamfindError(f, "proxy file not found")
-    loaded, spec = load_saes(config.sae, config.model, config.device)
+    loaded, spec = load_saes(config.sae, config.model, config.device, config.hook)
     model = load_model(spec, config.device)
     for _, _, sae in loaded:
         check_compatible(sae, model)
@@ -491,7 +545,7 @@ def run_scan(config: ScanConfig, registry: Registry | None = None,
         for hid in (h for h in order if scope[h] == "sae" and h not in post):
             u.step(hid, "run", u.dets[hid].run)
             tick()
-    for u, stats in zip(units, _pass(units, order, config, progress_factory)):
+    for u, stats in zip(units, _pass(units, order, config, progress_factory, requested_device)):
         u.ctx.feature_stats = stats
     for u in units:
         for hid in (h for h in order if h in post):
@@ -505,3 +559,15 @@ def run_scan(config: ScanConfig, registry: Registry | None = None,
                      u.results) for (name, path, sae), u in zip(loaded, units)]
     return ScanResult(mctx, parts, {h: munit.runs[h] for h in order if h in munit.runs}, munit.results, reg,
                       time.time() - t0)
+
+
+class _CallableModule(types.ModuleType):
+    """``famfind.scan`` is this module and, called, the notebook API's :func:`famfind.api.scan`."""
+
+    def __call__(self, *args, **kwargs):
+        from famfind.api import scan
+
+        return scan(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

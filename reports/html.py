@@ -1,10 +1,13 @@
-"""The HTML report of one scan: one self-contained page per SAE (no CDN, works offline),
-each linking the scan's other SAEs' pages.
+"""The HTML report of one scan: one page per SAE (no CDN, works offline from ``file://``),
+each linking the scan's other SAEs' pages, and beside it a folder of its feature cards.
 
-Everything is read back from the DuckDB file and embedded as one JSON blob; the page's own
-JavaScript (``reports/templates/report.js``) draws the head x feature head-attribution
-heatmap (canvas), the cluster-size distribution and the feature cards, 50 per page, so a
-report for 10k+ features stays usable. A search box finds features by id, family or label.
+Everything is read back from the DuckDB file. The page embeds one JSON blob (summary tables,
+the head-attribution heatmap as bytes, an index of the live features); its own JavaScript
+(``reports/templates/report.js``) draws the head x feature heatmap (canvas), the
+cluster-size distribution and the feature cards, 50 per page, loading each page's cards from
+its own file only when shown, so the page stays small (<= 5 MB) at 24,576 features per SAE.
+A search box finds features by id, family or label; ``page.html#p=N`` opens card page N,
+``page.html#F`` feature F.
 
 Each feature card: density, max activation, families, cluster, label (when the labels table
 exists), an activation histogram, top boosted and suppressed tokens, head attribution and
@@ -131,10 +134,46 @@ def page_paths(out: str | Path, saes: list[str]) -> dict[str, Path]:
     return {s: p if i == 0 else p.with_name(f"{p.stem}.{s.replace('/', '_')}{p.suffix}") for i, s in enumerate(saes)}
 
 
+CARDS_PER_FILE = 50  # feature cards per lazily loaded file (= one page of cards)
+
+
+def cards_dir(page: str | Path) -> Path:
+    """The folder of a page's card files: ``<stem>_cards`` beside the page."""
+    p = Path(page)
+    return p.with_name(f"{p.stem}_cards")
+
+
+def _heat(feats: list[dict], n_heads: int) -> str:
+    """Head attribution of every live feature for the heatmap: ``[n_features, n_heads]``
+    quantised to bytes (``round(255 * att)``), row-major, base64."""
+    import base64
+
+    import numpy as np
+
+    a = np.zeros((len(feats), n_heads), dtype=np.uint8)
+    for i, f in enumerate(feats):
+        if f["att"]:
+            a[i] = np.clip(np.round(np.asarray(f["att"], dtype=np.float64) * 255), 0, 255)
+    return base64.b64encode(a.tobytes()).decode()
+
+
+def _json(d) -> str:
+    # No string can end the <script> element or open a comment in it: JSON needs no literal
+    # < > & outside strings, and inside them \u escapes read back the same.
+    data = json.dumps(d, separators=(",", ":"), default=str)
+    return data.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
 def render_html(con, scan_id: int, out: str | Path, max_features: int | None = None,
                 sae: str | None = None) -> list[Path]:
-    """Write the report of ``scan_id``: one self-contained page per SAE (:func:`page_paths`;
-    ``sae``: that SAE's page only, at ``out``), each linking the others. Returns the paths."""
+    """Write the report of ``scan_id``: one page per SAE (:func:`page_paths`; ``sae``: that
+    SAE's page only, at ``out``), each linking the others, and beside each page its feature
+    cards, :data:`CARDS_PER_FILE` per file (``<stem>_cards/NNNNN.js``, loaded by the page when
+    a page of cards is shown; ``<script>`` files, so the report works from ``file://`` with no
+    server and nothing fetched from the network). The page itself holds the summary tables,
+    the heatmap (bytes) and a small index per live feature (id, families, labels, cluster),
+    so its size grows by ~30 bytes per feature: a 24,576-feature SAE's page stays ~1-2 MB.
+    Returns the pages' paths."""
     layers = {u["sae"]: u["layer"] for u in scan_saes(con, scan_id)}
     links = page_paths(out, list(layers)) if sae is None else {}
     pages = links or {sae: Path(out)}
@@ -144,9 +183,37 @@ def render_html(con, scan_id: int, out: str | Path, max_features: int | None = N
     for name, path in pages.items():
         d = report_data(con, scan_id, max_features, name)
         d["pages"] = [[s, q.name, layers[s]] for s, q in links.items()]
-        data = json.dumps(d, separators=(",", ":"), default=str)
-        # No string can end the <script> element or open a comment in it: JSON needs no
-        # literal < > & outside strings, and inside them \u escapes read back the same.
-        data = data.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-        path.write_text(page_t.replace("/*__DATA__*/null", data), encoding="utf-8")
+        feats = d.pop("features")
+        d["heat"] = _heat(feats, d["n_heads"])
+        d["index"] = [[f["feature"], f["families"], f["label"][0] if f.get("label") else None,
+                       f.get("cluster_label")] for f in feats]
+        d["cards_dir"] = cards_dir(path).name
+        d["cards_per_file"] = CARDS_PER_FILE
+        folder = cards_dir(path)
+        if folder.exists():
+            for old in folder.glob("*.js"):
+                old.unlink()
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(0, len(feats), CARDS_PER_FILE):
+            (folder / f"{i // CARDS_PER_FILE:05d}.js").write_text(
+                f"famfindCards({i // CARDS_PER_FILE},{_json(feats[i:i + CARDS_PER_FILE])});\n", encoding="utf-8")
+        path.write_text(page_t.replace("/*__DATA__*/null", _json(d)), encoding="utf-8")
     return list(pages.values())
+
+
+def page_data(page: str | Path) -> dict:
+    """The JSON embedded in a written report page (its summary and feature index)."""
+    import re
+
+    text = Path(page).read_text(encoding="utf-8")
+    return json.loads(re.search(r'<script id="famfind-data" type="application/json">(.*?)</script>', text, re.S).group(1))
+
+
+def load_cards(page: str | Path) -> list[dict]:
+    """Every feature card written beside a report ``page``, in feature order (for tests and
+    scripts; the page loads them itself)."""
+    cards = []
+    for f in sorted(cards_dir(page).glob("*.js")):
+        text = f.read_text(encoding="utf-8")
+        cards += json.loads(text[text.index(",") + 1: text.rindex(")")])
+    return cards

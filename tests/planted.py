@@ -201,3 +201,25 @@ def build_all(root: Path) -> dict[str, Path]:
     """Model, SAE and corpus under ``root``; returns their paths."""
     return {"model": build_model(root / "model"), "sae": build_sae(root / "sae"),
             "sae_l0": build_sae_layer0(root / "sae_l0"), "corpus": build_corpus(root / "corpus.npy")}
+
+
+def build_wide_sae(out: Path, d_sae: int = 24_576, model_dir: str = "../model") -> Path:
+    """A GPT-2-small-width SAE (``d_sae`` features) on ``blocks.1.attn.hook_z`` of the planted
+    model, for report-size tests: feature f reads head 1.1 (``z ~ e_{current token}``) at
+    token ``1 + f % 63``, so every feature is live; decoder rows are random unit vectors."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from famfind.build.train_sae import save_saelens
+    from famfind.sae import SAE
+
+    g = torch.Generator().manual_seed(3)
+    f = torch.arange(d_sae)
+    W_enc = torch.zeros(D, d_sae)
+    W_enc[1 * DH + 1 + f % (V - 1), f] = 1.0
+    W_dec = torch.randn(d_sae, D, generator=g)
+    W_dec /= W_dec.norm(dim=1, keepdim=True)
+    sae = SAE(W_enc, W_dec, torch.full((d_sae,), -0.35), torch.zeros(D), hook_name="blocks.1.attn.hook_z",
+              model_name=model_dir)
+    save_saelens(sae, out)
+    return out

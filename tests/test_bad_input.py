@@ -22,6 +22,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -269,6 +270,10 @@ def test_other_option_errors(runner, planted_paths, tmp_path, seq64):
     cfg = tmp_path / "long.toml"
     cfg.write_text("[scan]\nseq_len = 65\n")
     check(runner.invoke(app, [*base, "--config", str(cfg), *FAST]), 1, "seq_len", "n_ctx=64")
+    check(runner.invoke(app, [*base, "--config", seq64, "--device", "tpu", *FAST]), 1, "device", "'tpu'", "cpu, cuda")
+    check(runner.invoke(app, [*base, "--config", seq64, "--autocast", "fp8", *FAST]), 1, "autocast", "'bf16'")
+    if not torch.cuda.is_available():
+        check(runner.invoke(app, [*base, "--config", seq64, "--device", "cuda", *FAST]), 1, "device", "no CUDA GPU")
     check(runner.invoke(app, ["sql", "SELECT 1", "--json", "--csv"]), 2, "--json and --csv are exclusive")
     check(runner.invoke(app, ["label", "--features", "x", "--db", str(db)]), 1, "database not found")
     assert not db.exists()

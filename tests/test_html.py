@@ -3,7 +3,7 @@ Chromium (Debian's ``chromium``; the test is skipped, with the reason, when it i
 
 from __future__ import annotations
 
-import json
+import base64
 import re
 import shutil
 import subprocess
@@ -26,14 +26,19 @@ def report(default_scan, tmp_path_factory):
         con.close()
 
 
-def test_report_is_self_contained_with_every_live_feature(report):
+def test_report_is_offline_with_every_live_feature(report):
+    from famfind.reports.html import cards_dir, load_cards, page_data
+
     page = report.read_text()
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # no CDN, nothing fetched
-    data = json.loads(re.search(r'<script id="famfind-data" type="application/json">(.*?)</script>',
-                                page, re.S).group(1))
+    data = page_data(report)
     live = round(data["scan"]["d_sae"] * (1 - data["scan"]["dead_fraction"]))
-    assert len(data["features"]) == live > 1000 and data["validation"] and data["n_heads"] == 4
-    f = data["features"][0]
+    cards = load_cards(report)
+    assert len(cards) == len(data["index"]) == live > 1000 and data["validation"] and data["n_heads"] == 4
+    assert [c["feature"] for c in cards] == [i[0] for i in data["index"]]
+    assert len(list(cards_dir(report).glob("*.js"))) == -(-live // data["cards_per_file"])
+    assert len(base64.b64decode(data["heat"])) == live * 4  # the heatmap: one byte per feature and head
+    f = cards[0]
     assert len(f["att"]) == 4 and f["examples"] and f["logits"]["boost"] and f["hist"]
 
 

@@ -3,7 +3,6 @@ server on 127.0.0.1 (tests/llm_server.py): faults, retries, cache, spend cap, sc
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
@@ -162,6 +161,7 @@ def test_scan_label_labels_every_family_and_cluster(planted_paths, tmp_path):
         assert {x["target"] for x in rows if x["kind"] == "feature"} == {"0"}
     out = tmp_path / "r.html"
     assert runner.invoke(app, ["report", "--db", str(db), "--html", str(out)]).exit_code == 0
-    page = out.read_text()
-    data = json.loads(page.split('type="application/json">', 1)[1].split("</script>", 1)[0])
-    assert any(f.get("label") for f in data["features"])
+    from famfind.reports.html import load_cards, page_data
+
+    assert any(f.get("label") for f in load_cards(out))
+    assert any(label for _, _, label, _ in page_data(out)["index"])  # searchable from the page

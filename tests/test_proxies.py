@@ -300,7 +300,7 @@ def _check_report(db, tmp_path):
     import subprocess
 
     from famfind.db import connect
-    from famfind.reports.html import render_html
+    from famfind.reports.html import load_cards, render_html
 
     con = connect(db, read_only=True)
     try:
@@ -312,7 +312,7 @@ def _check_report(db, tmp_path):
     com = fams[("local_context", "py_comment")]
     assert com["members"] == 6 and len(com["hist_in"]) == len(com["hist_all"]) == len(data["hist_centres"]) == 26
     assert sum(com["hist_in"]) == sum(com["hist_all"]) > 0  # comment features fire only inside comments
-    cards = {f["feature"]: f for f in data["features"]}
+    cards = {f["feature"]: f for f in load_cards(page)}
     assert all(cards[f]["proxy"][0] == "py_comment" and sum(cards[f]["proxy"][4]) > 0 for f in pc.F_COMMENT)
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:

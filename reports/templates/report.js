@@ -27,15 +27,22 @@
   for (const h of D.heads) { (byHead[`${h.layer}.${h.head}`] = byHead[`${h.layer}.${h.head}`] || {head: `${h.layer}.${h.head}`})[h.metric] = h.score; }
   table($("heads"), Object.values(byHead));
 
-  // heatmap: one column per live feature (sorted by top head), one row per head
-  const cv = $("heatmap"), ctx = cv.getContext("2d"), H = D.n_heads, F = D.features.length;
+  // heatmap: one column per live feature (sorted by top head), one row per head; D.heat is
+  // [features, heads] bytes (255 * head attribution), base64
+  const cv = $("heatmap"), ctx = cv.getContext("2d"), H = D.n_heads, F = D.index.length;
   if (H && F) {
-    const order = D.features.map((f, i) => [f.att.indexOf(Math.max(...f.att)), -Math.max(...f.att), i]).sort((a, b) => a[0] - b[0] || a[1] - b[1]);
-    const w = cv.width / F, h = cv.height / H;
-    order.forEach(([, , i], x) => D.features[i].att.forEach((a, y) => {
-      ctx.fillStyle = `rgba(40, 80, 170, ${a})`;
-      ctx.fillRect(x * w, y * h, Math.max(w, 1), h);
-    }));
+    const raw = atob(D.heat), att = (i, y) => raw.charCodeAt(i * H + y);
+    const top = (i) => { let b = 0; for (let y = 1; y < H; y++) if (att(i, y) > att(i, b)) b = y; return b; };
+    const order = D.index.map((_, i) => [top(i), -att(i, top(i)), i]).sort((a, b) => a[0] - b[0] || a[1] - b[1]);
+    const img = ctx.createImageData(cv.width, cv.height);
+    for (let x = 0; x < cv.width; x++) {  // each pixel column shows the feature under it
+      const i = order[Math.min(F - 1, Math.floor(x * F / cv.width))][2];
+      for (let py = 0; py < cv.height; py++) {
+        const a = att(i, Math.min(H - 1, Math.floor(py * H / cv.height))) / 255, o = 4 * (py * cv.width + x);
+        img.data[o] = 255 - a * 215; img.data[o + 1] = 255 - a * 175; img.data[o + 2] = 255 - a * 85; img.data[o + 3] = 255;
+      }
+    }
+    ctx.putImageData(img, 0, 0);
   }
 
   // cluster sizes
@@ -107,21 +114,49 @@
       (f.quantiles.length ? `<div><b>lower quantiles</b>` + f.quantiles.map(([a, c, t, v]) => `<div class="ctx">${fmt(a)}: ${context(a, c, f.max_act, t, v)}</div>`).join("") + "</div>" : "") + "</div>";
   }
 
+  // cards: D.index holds [feature, families, label, cluster label] per live feature; the
+  // cards themselves are in D.cards_dir, D.cards_per_file per file, loaded when shown
+  const CARDS = {};
+  window.famfindCards = (i, cards) => { CARDS[i] = cards; };
+  const chunkOf = (pos) => Math.floor(pos / D.cards_per_file);
+  function loadChunks(chunks) {
+    return Promise.all(chunks.filter((c) => !CARDS[c]).map((c) => new Promise((resolve, reject) => {
+      const el = document.createElement("script");
+      el.src = `${encodeURI(D.cards_dir)}/${String(c).padStart(5, "0")}.js`;
+      el.onload = resolve;
+      el.onerror = () => reject(new Error(`feature cards ${el.src} could not be read`));
+      document.head.appendChild(el);
+    })));
+  }
   let page = 0;
-  const PER = 50;
-  function matches() {
+  const PER = D.cards_per_file;
+  function matches() {  // positions in D.index
     const q = $("search").value.trim().toLowerCase(), fam = $("only-families").checked;
-    return D.features.filter((f) => (!fam || f.families.length) && (!q || String(f.feature) === q ||
-      f.families.some(([n]) => n.toLowerCase().includes(q)) || (f.label && f.label[0].toLowerCase().includes(q)) ||
-      (f.cluster_label && f.cluster_label.toLowerCase().includes(q))));
+    const out = [];
+    D.index.forEach(([f, fams, label, cl], pos) => {
+      if ((!fam || fams.length) && (!q || String(f) === q || fams.some(([n]) => n.toLowerCase().includes(q)) ||
+          (label && label.toLowerCase().includes(q)) || (cl && cl.toLowerCase().includes(q)))) out.push(pos);
+    });
+    return out;
   }
-  function draw() {
-    const m = matches(), pages = Math.max(1, Math.ceil(m.length / PER));
+  let drawing = 0;
+  async function draw() {
+    const m = matches(), pages = Math.max(1, Math.ceil(m.length / PER)), mine = ++drawing;
     page = Math.min(page, pages - 1);
-    $("cards").innerHTML = m.slice(page * PER, (page + 1) * PER).map(card).join("");
+    const shown = m.slice(page * PER, (page + 1) * PER);
     $("page-info").textContent = `page ${page + 1} / ${pages} (${m.length} features)`;
+    try {
+      await loadChunks([...new Set(shown.map(chunkOf))]);
+    } catch (e) {
+      $("cards").textContent = e.message;
+      return;
+    }
+    if (mine !== drawing) return;  // a newer draw() superseded this one
+    $("cards").innerHTML = shown.map((pos) => card(CARDS[chunkOf(pos)][pos % PER])).join("");
   }
-  if (/^#\d+$/.test(location.hash)) $("search").value = location.hash.slice(1);  // a link to one feature's card
+  const hp = /^#p=(\d+)$/.exec(location.hash), hf = /^#(\d+)$/.exec(location.hash);
+  if (hf) $("search").value = hf[1];  // a link to one feature's card
+  if (hp) page = Math.max(0, Number(hp[1]) - 1);  // a link to one page of cards
   $("search").addEventListener("input", () => { page = 0; draw(); });
   $("only-families").addEventListener("change", () => { page = 0; draw(); });
   $("prev").addEventListener("click", () => { page = Math.max(0, page - 1); draw(); });
