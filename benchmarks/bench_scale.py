@@ -133,7 +133,9 @@ def child_scan(spec: dict) -> None:
         con.close()
     html_s = time.perf_counter() - t
     failed = [f"{r.id}: {r.error[:80]}" for r in res.runs if r.status != "ok"]
+    det = sorted(((r.seconds, r.id) for r in res.runs), reverse=True)
     print(json.dumps({
+        "detectors_s": sum(x for x, _ in det), "slowest": [[i, round(x, 1)] for x, i in det[:5]],
         "scan_s": scan_s, "write_s": write_s, "html_s": html_s, "n_families": n_fam, "failed": failed,
         "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.startswith("cuda") else None,
@@ -275,6 +277,9 @@ def scan_table(args, device, bs, paths, scan_sizes, tmp, corpus_of, child, mid) 
               f"{d['rss_mib']:,.0f} MiB{gpu}; DuckDB write {d['write_s']:.1f} s, {d['db_mb']:.1f} MB; HTML "
               f"{d['html_s']:.1f} s, main page {d['page_mb']:.2f} MB + cards {d['cards_mb']:.1f} MB; "
               f"{d['n_families']} family rows; process {time.perf_counter() - t:.0f} s", flush=True)
+        print(f"             of the scan: detectors {d['detectors_s']:.1f} s (slowest: "
+              f"{', '.join(f'{i} {x} s' for i, x in d['slowest'])}), the rest (loading, activation pass) "
+              f"{d['scan_s'] - d['detectors_s']:.1f} s", flush=True)
         if d["failed"]:
             print(f"             detectors that did not run: {'; '.join(d['failed'])}")
 

@@ -53,12 +53,23 @@ class HeadDFAAccumulator:
         self.num = torch.zeros(d_sae, n_heads, dtype=torch.float64, device=device)
         self.den = torch.zeros(d_sae, dtype=torch.float64, device=device)
 
+    #: firing pairs per gather: bounds the two ``[pairs, d_in]`` gathers to ~50 MB each at
+    #: d_in 768, whatever the batch size or L0.
+    CHUNK = 1 << 14
+
     def update(self, z, acts, W_enc_T, b_dec, firing=None) -> None:
-        """One batch; ``W_enc_T [d_sae, d_in]``, other arguments as :func:`dfa_by_head_at`."""
-        _, feat, dfa = dfa_by_head_at(z, acts, W_enc_T, b_dec, firing)
-        a = dfa.sum(-1, keepdim=True)
-        self.num.index_add_(0, feat, (dfa * a).double())
-        self.den.index_add_(0, feat, (a * a).squeeze(-1).double())
+        """One batch; ``W_enc_T [d_sae, d_in]``, other arguments as :func:`dfa_by_head_at`.
+        Works through the firing pairs :attr:`CHUNK` at a time, so its memory is flat in the
+        batch size and L0."""
+        if firing is None:
+            firing = torch.nonzero(acts > 0, as_tuple=True)
+        n = firing[0].shape[0]
+        for i in range(0, n, self.CHUNK):
+            part = tuple(x[i:i + self.CHUNK] for x in firing)
+            _, feat, dfa = dfa_by_head_at(z, acts, W_enc_T, b_dec, part)
+            a = dfa.sum(-1, keepdim=True)
+            self.num.index_add_(0, feat, (dfa * a).double())
+            self.den.index_add_(0, feat, (a * a).squeeze(-1).double())
 
     def merge(self, other: "HeadDFAAccumulator") -> None:
         """Fold in another shard's sums."""

@@ -46,12 +46,13 @@ def head_attribution(W_dec: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def direct_logits(W_dec: torch.Tensor, W_O: torch.Tensor, W_U: torch.Tensor, k: int,
-                  chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``k`` boosted and suppressed tokens per feature on the direct path.
 
     ``W_dec [d_sae, n_heads*d_head]``, ``W_O [n_heads, d_head, d_model]``, ``W_U [d_model, d_vocab]``.
     Returns ``(boost_vals, boost_ids, suppress_vals, suppress_ids)``, each ``[d_sae, k]``;
-    computed in chunks of features so a 24,576 x 50,257 matrix is never materialised.
+    computed in chunks of ``chunk`` features so a 24,576 x 50,257 matrix is never
+    materialised (one chunk's logits: ``chunk * d_vocab * 4`` bytes, ~100 MB at GPT-2's vocab).
     """
     H, dh, _ = W_O.shape
     outs = ([], [], [], [])
@@ -59,8 +60,8 @@ def direct_logits(W_dec: torch.Tensor, W_O: torch.Tensor, W_U: torch.Tensor, k: 
         resid = torch.einsum("fhd,hdm->fm", W_dec[s:s + chunk].reshape(-1, H, dh), W_O)
         logits = resid @ W_U
         bv, bi = logits.topk(k, dim=-1)
-        sv, si = (-logits).topk(k, dim=-1)
-        for lst, t in zip(outs, (bv, bi, -sv, si)):
+        sv, si = logits.topk(k, dim=-1, largest=False)
+        for lst, t in zip(outs, (bv, bi, sv, si)):
             lst.append(t.cpu())
     return tuple(torch.cat(x) for x in outs)
 

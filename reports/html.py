@@ -193,7 +193,7 @@ def render_html(con, scan_id: int, out: str | Path, max_features: int | None = N
         if folder.exists():
             for old in folder.glob("*.js"):
                 old.unlink()
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(exist_ok=True)  # the page's folder must exist: never created here
         for i in range(0, len(feats), CARDS_PER_FILE):
             (folder / f"{i // CARDS_PER_FILE:05d}.js").write_text(
                 f"famfindCards({i // CARDS_PER_FILE},{_json(feats[i:i + CARDS_PER_FILE])});\n", encoding="utf-8")
