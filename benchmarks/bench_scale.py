@@ -4,7 +4,8 @@ Builds, offline and seeded, a random-init GPT-2-small-shaped model (12 layers x 
 d_head 64, d_model 768, vocab 50,257, n_ctx 1024; a Hugging Face ``GPT2LMHeadModel`` saved as
 ``model.safetensors``, with a word-level ``tokenizer.json`` of 50,257 entries) and 12 hook_z
 SAEs of 24,576 features (one per layer, d_in 768) whose encoder biases are calibrated so each
-feature fires on ~20/24,576 of the calibration positions (L0 ~ 20), then prints in one run,
+feature fires on ~20/24,576 of 65,536 calibration positions (L0 ~ 20 on fresh tokens; the
+pass table prints the L0 it measured), then prints in one run,
 for three corpus sizes (sequences of 128 random tokens):
 
 1. the activation pass (:func:`famfind.activations.activation_pass`, every accumulator:
@@ -58,27 +59,37 @@ def build_model(out: Path, n_layers: int, d_model: int, n_heads: int, vocab: int
 
 @torch.no_grad()
 def build_saes(model, d_sae: int, calib: torch.Tensor, target_l0: float, device: str) -> list:
-    """One SAE per layer: random unit-norm decoder rows, encoder = decoder^T, ``b_enc`` set to
-    minus each feature's ``1 - target_l0 / d_sae`` quantile of its pre-activation on ``calib``."""
+    """One SAE per layer: random unit-norm decoder rows, encoder = decoder^T, ``b_dec`` the
+    mean hook_z, ``b_enc`` minus each feature's ``1 - target_l0 / d_sae`` quantile of its
+    pre-activation on ``calib`` (a streaming top-k over 32-sequence chunks, so memory stays
+    ``chunk x d_sae``)."""
     from famfind.sae import SAE
 
     g = torch.Generator().manual_seed(1)
     d_in = model.cfg.n_heads * model.cfg.d_head
-    zs = model.run_hook_zs(calib, list(range(model.cfg.n_layers)))
-    saes = []
-    for lyr in range(model.cfg.n_layers):
+    layers = list(range(model.cfg.n_layers))
+    chunks = calib.split(32)
+    W_decs = []
+    for _ in layers:
         W_dec = torch.randn(d_sae, d_in, generator=g).to(device)
-        W_dec /= W_dec.norm(dim=1, keepdim=True)
-        W_enc = W_dec.T.contiguous()
-        z = zs[lyr].flatten(0, 1).flatten(-2)
-        b_dec = z.mean(0)
-        pre = (z - b_dec) @ W_enc  # [n, d_sae]
-        q = 1 - target_l0 / d_sae
-        k = max(1, int(round((1 - q) * pre.shape[0])))
-        b_enc = -pre.topk(k, dim=0).values[-1]  # fires on ~k of the n calibration positions
-        saes.append(SAE(W_enc, W_dec, b_enc, b_dec, hook_name=f"blocks.{lyr}.attn.hook_z"))
-        del pre
-    return saes
+        W_decs.append(W_dec / W_dec.norm(dim=1, keepdim=True))
+    n = calib.numel()
+    k = max(1, int(round(target_l0 / d_sae * n)))  # each feature fires on ~k of the n positions
+    b_dec = [torch.zeros(d_in, device=device) for _ in layers]
+    for c in chunks:  # the mean of hook_z first, then a streaming per-feature top-k of the pre-activations
+        zs = model.run_hook_zs(c, layers)
+        for lyr in layers:
+            b_dec[lyr] += zs[lyr].flatten(0, 1).flatten(-2).sum(0) / n
+    top = [None] * len(layers)
+    for c in chunks:
+        zs = model.run_hook_zs(c, layers)
+        for lyr in layers:
+            pre = (zs[lyr].flatten(0, 1).flatten(-2) - b_dec[lyr]) @ W_decs[lyr].T  # [positions, d_sae]
+            both = pre if top[lyr] is None else torch.cat([top[lyr], pre])
+            top[lyr] = both.topk(min(k, both.shape[0]), dim=0).values
+            del pre, both
+    return [SAE(W_decs[lyr].T.contiguous(), W_decs[lyr], -top[lyr][-1], b_dec[lyr], hook_name=f"blocks.{lyr}.attn.hook_z")
+            for lyr in layers]
 
 
 def matmul_flops(device: str, n: int) -> float:
@@ -186,7 +197,7 @@ def run(args, device: str, sizes: list[int], scan_sizes: list[int], tmp: Path) -
     model = HFGPT2Model(tmp / "model", device)
     cfg = model.cfg
     g = torch.Generator().manual_seed(2)
-    calib = torch.randint(0, vocab, (64, SEQ), generator=g).to(device)
+    calib = torch.randint(0, vocab, (512, SEQ), generator=g).to(device)  # 65,536 positions
     t0 = time.time()
     saes = build_saes(model, d_sae, calib, 20.0, device)
     mid = saes[min(5, n_layers - 1)]  # layer 5 at GPT-2-small shape

@@ -18,6 +18,7 @@ from typer.core import TyperGroup
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from famfind import _typer_compat
 from famfind.errors import FamfindError, Interrupted
 from famfind.llm import LLMConfig
 
@@ -48,6 +49,8 @@ class _OneLineErrors(TyperGroup):
             raise
         sys.exit(rv if isinstance(rv, int) else 0)
 
+
+_typer_compat.patch()  # an old typer (sae-dashboard pins < 0.13) under click >= 8.2
 
 app = typer.Typer(cls=_OneLineErrors, help="Find and quantify feature families in attention-output (hook_z) SAEs.",
                   context_settings={"help_option_names": ["-h", "--help"]}, no_args_is_help=True,
@@ -183,6 +186,9 @@ def scan(
     max_tokens: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N corpus tokens.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N or auto (cuda when torch sees a GPU). "
                                                   "Default: cpu.")] = None,
+    model_backend: Annotated[Optional[str], typer.Option(help="auto (famfind's own forward for GPT-2 checkpoints, "
+                                                         "TransformerLens's TransformerBridge for other "
+                                                         "architectures; needs famfind[tl]), famfind or bridge.")] = None,
     autocast: Annotated[Optional[str], typer.Option(help="Run the activation pass's model forward in bf16 or "
                                                     "fp16 (the SAE encode stays fp32); none by default.")] = None,
     ray: Annotated[Optional[str], typer.Option(help="Shard the activation pass over a Ray cluster: auto (the "
@@ -231,7 +237,7 @@ def scan(
            "select": tuple(select or ()), "skip": tuple(skip or ()),
            "plugins": tuple(str(p) for p in plugin or ()), "proxies": tuple(str(p) for p in proxy or ()),
            "strict_plugins": strict_plugins or None, "device": device, "autocast": autocast, "ray": ray,
-           "hook": hook}
+           "hook": hook, "model_backend": model_backend}
     base.update({k: v for k, v in cli.items() if v not in (None, ())})
     from famfind.plugins import default_registry
 

@@ -102,7 +102,7 @@ def _shard_task(config: dict, requested_device: str, blob: bytes, lo: int, hi: i
     if cfg.proxies:
         default_proxies(cfg.proxies, cfg.strict_plugins)
     loaded, spec = load_saes(cfg.sae, cfg.model, cfg.device, cfg.hook)
-    model = load_model(spec, cfg.device)
+    model = load_model(spec, cfg.device, cfg.model_backend)
     p = pickle.loads(blob)
     saes = {name: sae for name, _, sae in loaded}
     by_sae = p["by_sae"]

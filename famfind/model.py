@@ -3,9 +3,10 @@
 ``HFGPT2Model`` reads a local Hugging Face GPT-2-architecture checkpoint (``config.json``
 + ``model.safetensors``, the embedded default's format) and reimplements its forward in
 ~60 lines so famfind can stop at the SAE's layer, read ``blocks.{L}.attn.hook_z`` and
-``hook_pattern``, and mean-ablate heads, without autograd. ``TLModel`` wraps a
-TransformerLens ``HookedTransformer`` for any model name TransformerLens resolves (needs
-the hub, and TransformerLens < 4 where ``HookedTransformer`` exists).
+``hook_pattern``, and mean-ablate heads, without autograd. ``BridgeModel`` runs a local
+checkpoint of any other architecture (Pythia, Llama, Gemma-2, ...) through TransformerLens's
+``TransformerBridge`` (TL >= 3.9, 4.x). ``TLModel`` wraps a TransformerLens
+``HookedTransformer`` for a model name TransformerLens resolves (needs the hub; TL 3.x).
 
 Weight shapes follow TransformerLens: ``W_Q/W_K/W_V [n_heads, d_model, d_head]``,
 ``W_O [n_heads, d_head, d_model]``, ``W_U [d_model, d_vocab]``.
@@ -214,8 +215,8 @@ class HFGPT2Model:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise FamfindError(cpath, f"not valid JSON ({e})") from None
         if isinstance(raw, dict) and raw.get("model_type") != "gpt2":
-            raise FamfindError(cpath, f"model_type {raw.get('model_type')!r} is not supported "
-                               "by the built-in runner; pass a TransformerLens model name instead")
+            raise FamfindError(cpath, f"model_type {raw.get('model_type')!r} is not GPT-2, which famfind's "
+                               "own runner needs; use --model-backend auto or bridge (TransformerBridge)")
         cfg = validated(GPT2Config, raw, cpath)
         wfile = p / "model.safetensors"
         if not wfile.exists():
@@ -507,6 +508,83 @@ class TLModel:
         return cache[name]
 
 
+def _bridge_class():
+    """TransformerLens's ``TransformerBridge`` (TL >= 3.9 and 4.x), or ``None`` when absent."""
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:
+        return None
+    return TransformerBridge
+
+
+class BridgeModel(TLModel):
+    """A local Hugging Face checkpoint of any architecture TransformerLens's
+    ``TransformerBridge`` supports (GPT-NeoX/Pythia, Llama, Gemma-2, ... and GPT-2), booted
+    offline from the folder (``TransformerBridge.boot_transformers(path)`` in compatibility
+    mode, so hook names and weight shapes are HookedTransformer's).
+
+    Grouped-query attention: hook_z, ``W_Q`` and ``W_O`` are per query head (``d_in = n_heads
+    * d_head``); ``W_K``/``W_V`` and ``hook_v`` come per key/value head and are repeated to
+    the query heads that share them (``repeat_interleave`` over heads, as the attention itself
+    does), so every per-head quantity famfind computes is per query head. Mean-ablation writes
+    into hook_z, i.e. per query head. :meth:`resid_parts` (recursive DFA) needs GPT-2's
+    LayerNorm and learned positions and raises ``FamfindError`` for other architectures.
+
+    Raises ``FamfindError`` naming the folder when TransformerLens is missing or cannot boot it.
+    """
+
+    def __init__(self, path: str | Path, device: str = "cpu"):
+        bridge_cls = _bridge_class()
+        p = Path(path)
+        if bridge_cls is None:
+            raise FamfindError(p, "not a GPT-2 checkpoint; other architectures run through TransformerLens's "
+                               "TransformerBridge: pip install 'famfind[tl]'")
+        import contextlib
+        import io
+        import logging
+        import warnings
+
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                logging.disable(logging.WARNING)
+                try:
+                    bridge = bridge_cls.boot_transformers(str(p), device=device)
+                    bridge.enable_compatibility_mode()
+                finally:
+                    logging.disable(logging.NOTSET)
+        except Exception as e:  # transformers/TransformerLens raise many types for an unsupported model
+            msg = str(e).splitlines()[0][:160] if str(e) else ""
+            raise FamfindError(p, f"TransformerBridge could not boot it ({type(e).__name__}: {msg})") from None
+        bridge.requires_grad_(False)  # famfind never backpropagates; weights read as plain tensors
+        self.tl = bridge
+        self._wrap(str(p))
+        self.path = p
+        n_kv = getattr(bridge.cfg, "n_key_value_heads", None) or self.cfg.n_heads
+        self.arch = getattr(getattr(bridge.original_model, "config", None), "model_type", None) or "unknown"
+        self._rep = self.cfg.n_heads // n_kv
+
+    def _per_query_head(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        return x if self._rep == 1 else x.repeat_interleave(self._rep, dim=dim)
+
+    def W_K(self, layer: int) -> torch.Tensor:
+        return self._per_query_head(self.tl.W_K[layer], 0)
+
+    def W_V(self, layer: int) -> torch.Tensor:
+        return self._per_query_head(self.tl.W_V[layer], 0)
+
+    @torch.no_grad()
+    def attn_parts(self, tokens: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pattern, v = super().attn_parts(tokens, layer)
+        return pattern, self._per_query_head(v, 2)
+
+    def resid_parts(self, tokens: torch.Tensor, layer: int) -> ResidParts:
+        if self.arch != "gpt2":
+            raise FamfindError(self.path, f"recursive DFA needs GPT-2's LayerNorm and learned positions; "
+                               f"this model is {self.arch}")
+        return super().resid_parts(tokens, layer)
+
+
 class _TLTokenizer:
     def __init__(self, tok):
         self._tok = tok
@@ -527,14 +605,45 @@ class _TLTokenizer:
         return self._tok.get_vocab().get(token)
 
 
-def load_model(spec: str | Path, device: str = "cpu") -> AttnModel:
-    """A local HF GPT-2 checkpoint directory, else a TransformerLens model name.
+BACKENDS = ("auto", "famfind", "bridge")
 
-    Raises ``FamfindError`` when neither works (names the path/name and the reason).
+
+def load_model(spec: str | Path, device: str = "cpu", backend: str = "auto") -> AttnModel:
+    """A local Hugging Face checkpoint directory, else a TransformerLens model name.
+
+    ``backend``: ``"auto"`` runs a GPT-2 checkpoint through famfind's own forward
+    (:class:`HFGPT2Model`, the fast path) and any other architecture through
+    TransformerLens's ``TransformerBridge`` (:class:`BridgeModel`); ``"famfind"`` and
+    ``"bridge"`` force one. A name that is not a folder goes to ``HookedTransformer`` (TL 3.x,
+    needs the hub) or, where that is gone (TL 4), ``TransformerBridge.boot_transformers``.
+    Raises ``FamfindError`` when none works (names the path/name and the reason).
     """
     p = Path(spec)
+    if backend not in BACKENDS:
+        raise FamfindError(p, f"unknown model backend {backend!r}; use {', '.join(BACKENDS)}")
     if p.is_dir():
+        if backend == "bridge":
+            return BridgeModel(p, device)
+        if backend == "auto" and _model_type(p) not in (None, "gpt2"):
+            return BridgeModel(p, device)
         return HFGPT2Model(p, device)
     if p.exists():
         raise FamfindError(p, "a model must be a checkpoint directory or a TransformerLens model name")
+    try:
+        from transformer_lens import HookedTransformer  # noqa: F401  (TL 4 removed it: ImportError)
+        has_hooked = True
+    except ImportError:
+        has_hooked = False
+    if backend == "bridge" or (not has_hooked and _bridge_class() is not None):
+        return BridgeModel(str(spec), device)
     return TLModel(str(spec), device)
+
+
+def _model_type(p: Path) -> str | None:
+    """``model_type`` of a checkpoint folder's ``config.json`` (``None`` when unreadable: the
+    GPT-2 runner then reports the problem)."""
+    try:
+        raw = json.loads((p / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return raw.get("model_type") if isinstance(raw, dict) else None

@@ -53,6 +53,8 @@ class ScanConfig:
     sae: tuple[str, ...] | str = ()  # SAE paths or folders of SAE folders (none: the embedded default's)
     hook: str | None = None  # blocks.L.attn.hook_z of SAEs whose format does not record it
     model: str | None = None
+    # auto: famfind's own forward for GPT-2 checkpoints, TransformerBridge for other architectures
+    model_backend: Literal["auto", "famfind", "bridge"] = "auto"
     corpus: str | None = None
     seq_len: StrictPositiveInt = 128  # the context length gelu-2l's attention SAEs were trained on
     max_tokens: StrictPositiveInt | None = None
@@ -492,7 +494,7 @@ def run_scan(config: ScanConfig, registry: Registry | None = None,
         if not Path(f).is_file():
             raise FamfindError(f, "proxy file not found")
     loaded, spec = load_saes(config.sae, config.model, config.device, config.hook)
-    model = load_model(spec, config.device)
+    model = load_model(spec, config.device, config.model_backend)
     for _, _, sae in loaded:
         check_compatible(sae, model)
     if config.seq_len > model.cfg.n_ctx:

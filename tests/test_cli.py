@@ -221,3 +221,23 @@ def test_failed_write_leaves_no_rows(planted_scan, tmp_path):
               for t in ("scans", "features", "heads", "examples", "head_attribution")]
     con.close()
     assert all(c == (1, 1) for c in counts), counts
+
+
+def test_help_and_flags_work_under_the_installed_typer_and_click(runner, tmp_path):
+    """CI runs this file twice: with the resolved typer, and with typer 0.12.5 (sae-dashboard's
+    pin) beside click >= 8.2, where :mod:`famfind._typer_compat` must make both work."""
+    from importlib.metadata import version
+
+    from typer.core import TyperOption
+
+    print("typer", version("typer"), "click", version("click"), "patched:", getattr(TyperOption, "_famfind_patched", False))
+    r = runner.invoke(app, ["scan", "--help"], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    flag = next(ln for ln in r.output.splitlines() if "--strict-plugins" in ln)
+    assert "TEXT" not in flag, flag  # a boolean flag, not a string option
+    assert runner.invoke(app, ["--help"]).exit_code == 0
+    # an option with a value takes it; a bad one is a one-line usage error
+    r = runner.invoke(app, ["sql", "SELECT 1 AS one", "--db", str(tmp_path / "none.duckdb")])
+    check(r, 1, "none.duckdb")
+    r = runner.invoke(app, ["scan", "--device", "tpu", "--db", str(tmp_path / "x.duckdb")])
+    check(r, 1, "device", "'tpu'")
