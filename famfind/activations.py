@@ -68,13 +68,18 @@ def autocast_context(device: str, autocast: str):
 
 @torch.no_grad()
 def encode_hook(model, sae: SAE, tokens: torch.Tensor, ablate=None,
-                positions: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+                positions: slice = slice(None), features: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``model`` to the SAE's hook and encode: ``(z [batch, pos, n_heads, d_head],
     acts [batch, pos, d_sae])``. ``tokens [batch, pos]`` on the model's device; ``ablate``
     as :meth:`famfind.model.AttnModel.run_hook_z`; ``positions``: encode only these (both
-    outputs are cut to them). The one path from tokens to SAE features."""
+    outputs are cut to them); ``features``: encode only these (``acts [batch, pos,
+    len(features)]``, :meth:`famfind.sae.SAE.encode_features`). The one path from tokens to
+    SAE features."""
     z = model.run_hook_z(tokens, sae.layer, ablate=ablate) if ablate else model.run_hook_z(tokens, sae.layer)
     z = z[:, positions]
+    if features is not None:
+        return z, sae.encode_features(z.flatten(-2), features)
     return z, sae.encode(z.flatten(-2))
 
 

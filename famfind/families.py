@@ -140,8 +140,8 @@ def mean_ablation(ctx, family: FamilyOutcome, n_sequences: int = 256, off_fracti
     bs, fd = ctx.config.batch_size, feats.to(dev)
     for s in range(0, n, bs):
         toks = toks_all[idx[s:s + bs]].to(dev)
-        clean += (encode_hook(ctx.model, ctx.sae, toks)[1][..., fd] > 0).sum((0, 1)).cpu()
-        abl += (encode_hook(ctx.model, ctx.sae, toks, ablate=ablate)[1][..., fd] > 0).sum((0, 1)).cpu()
+        clean += (encode_hook(ctx.model, ctx.sae, toks, features=fd)[1] > 0).sum((0, 1)).cpu()
+        abl += (encode_hook(ctx.model, ctx.sae, toks, ablate=ablate, features=fd)[1] > 0).sum((0, 1)).cpu()
     tested = clean >= min_fires
     off = tested & (abl <= off_fraction * clean)
     dets = [Detection(int(f), float(1 - abl[i] / max(int(clean[i]), 1)), bool(off[i]),
@@ -188,6 +188,6 @@ def encode_last(model, sae, tokens: torch.Tensor, batch_size: int = 64, device="
 def encode_all(model, sae, tokens: torch.Tensor, features: torch.Tensor, batch_size: int = 64,
                device="cpu") -> torch.Tensor:
     """SAE activations of ``features`` at every position, ``[n, pos, len(features)]`` (CPU)."""
-    out = [encode_hook(model, sae, tokens[s:s + batch_size].to(device))[1][..., features.to(device)].cpu()
+    out = [encode_hook(model, sae, tokens[s:s + batch_size].to(device), features=features.to(device))[1].cpu()
            for s in range(0, tokens.shape[0], batch_size)]
     return torch.cat(out) if out else torch.zeros(0, tokens.shape[1], features.numel())

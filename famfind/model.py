@@ -547,12 +547,13 @@ class BridgeModel(TLModel):
         try:
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                 warnings.simplefilter("ignore")
-                logging.disable(logging.WARNING)
+                before = logging.root.manager.disable
+                logging.disable(logging.WARNING)  # TransformerLens logs config notes at WARNING
                 try:
                     bridge = bridge_cls.boot_transformers(str(p), device=device)
                     bridge.enable_compatibility_mode()
                 finally:
-                    logging.disable(logging.NOTSET)
+                    logging.disable(before)
         except Exception as e:  # transformers/TransformerLens raise many types for an unsupported model
             msg = str(e).splitlines()[0][:160] if str(e) else ""
             raise FamfindError(p, f"TransformerBridge could not boot it ({type(e).__name__}: {msg})") from None

@@ -97,6 +97,21 @@ class SAE:
         vals, idx = torch.topk(pre, k=self.k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
 
+    def encode_features(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Activations of ``features`` only, ``[..., d_in] -> [..., len(features)]``, equal to
+        ``encode(x)[..., features]``. ReLU and JumpReLU features are independent, so only their
+        encoder columns are used (``O(len(features))`` instead of ``O(d_sae)`` per position);
+        TopK needs every pre-activation and encodes in full."""
+        if self.architecture == "topk":
+            return self.encode(x)[..., features]
+        x = x.to(self.W_enc.dtype)
+        if self.apply_b_dec_to_input:
+            x = x - self.b_dec
+        pre = x @ self.W_enc[:, features] + self.b_enc[features]
+        if self.architecture == "standard":
+            return pre.relu_()
+        return torch.relu(pre) * (pre > self.threshold[features])
+
     def decode(self, acts: torch.Tensor) -> torch.Tensor:
         """Reconstruction, ``[..., d_sae] -> [..., d_in]``."""
         return acts @ self.W_dec + self.b_dec

@@ -245,7 +245,7 @@ def test_bad_config_file(runner, planted_paths, tmp_path, case):
 
 
 OPTION_CASES = {
-    "max_tokens_negative": (["--max-tokens", "-5"], ["--max-tokens", "-5"]),
+    "max_tokens_negative": (["--max-tokens", "-5"], ["--max-tokens", "1"]),  # click: "x>=1" or "greater than or equal to 1"
     "max_tokens_zero": (["--max-tokens", "0"], ["--max-tokens"]),
     "max_tokens_text": (["--max-tokens", "lots"], ["--max-tokens", "valid integer"]),
     "lock_timeout_negative": (["--lock-timeout", "-1"], ["--lock-timeout"]),

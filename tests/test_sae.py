@@ -120,3 +120,13 @@ def test_unknown_format_and_missing_path(tmp_path):
         load_sae(tmp_path / "x.bin")
     with pytest.raises(FamfindError, match="file not found"):
         load_sae(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu"])
+def test_encode_features_equals_full_encode_columns(arch):
+    sae = _random_sae(arch)
+    x = torch.randn(5, 7, 32, generator=torch.Generator().manual_seed(3))
+    feats = torch.tensor([3, 0, 63, 17, 17])
+    full = sae.encode(x)
+    assert (full > 0).any()
+    torch.testing.assert_close(sae.encode_features(x, feats), full[..., feats], atol=1e-6, rtol=1e-6)
