@@ -521,7 +521,11 @@ class BridgeModel(TLModel):
     """A local Hugging Face checkpoint of any architecture TransformerLens's
     ``TransformerBridge`` supports (GPT-NeoX/Pythia, Llama, Gemma-2, ... and GPT-2), booted
     offline from the folder (``TransformerBridge.boot_transformers(path)`` in compatibility
-    mode, so hook names and weight shapes are HookedTransformer's).
+    mode, so hook names and weight shapes are HookedTransformer's, with ``no_processing=True``:
+    no LayerNorm folding, centring or value-bias folding, so hook_z and the weights are the
+    checkpoint's own, as Hugging Face computes them and as famfind's GPT-2 runner reads them;
+    TransformerLens's default processing moves ``b_V`` out of hook_z and changed the default's
+    families).
 
     Grouped-query attention: hook_z, ``W_Q`` and ``W_O`` are per query head (``d_in = n_heads
     * d_head``); ``W_K``/``W_V`` and ``hook_v`` come per key/value head and are repeated to
@@ -551,7 +555,7 @@ class BridgeModel(TLModel):
                 logging.disable(logging.WARNING)  # TransformerLens logs config notes at WARNING
                 try:
                     bridge = bridge_cls.boot_transformers(str(p), device=device)
-                    bridge.enable_compatibility_mode()
+                    bridge.enable_compatibility_mode(no_processing=True)
                 finally:
                     logging.disable(before)
         except Exception as e:  # transformers/TransformerLens raise many types for an unsupported model

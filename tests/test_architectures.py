@@ -54,7 +54,12 @@ def checkpoints(tmp_path_factory):
     out = {}
     for arch, (cfg, cls) in _configs().items():
         d = root / arch
-        cls(cfg).save_pretrained(d)
+        model = cls(cfg)
+        with torch.no_grad():  # non-trivial biases and norm gains, so any weight processing shows in hook_z
+            for name, prm in model.named_parameters():
+                if name.endswith("bias") or "norm" in name:
+                    prm.add_(0.2 * torch.randn_like(prm))
+        model.save_pretrained(d)
         tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
         tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
         transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(d)
