@@ -627,9 +627,7 @@ def load_model(spec: str | Path, device: str = "cpu", backend: str = "auto") -> 
     if backend not in BACKENDS:
         raise FamfindError(p, f"unknown model backend {backend!r}; use {', '.join(BACKENDS)}")
     if p.is_dir():
-        if backend == "bridge":
-            return BridgeModel(p, device)
-        if backend == "auto" and _model_type(p) not in (None, "gpt2"):
+        if backend == "bridge" or (backend == "auto" and _model_type(p) not in (None, "gpt2")):
             return BridgeModel(p, device)
         return HFGPT2Model(p, device)
     if p.exists():
