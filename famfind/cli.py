@@ -22,6 +22,16 @@ from famfind import _typer_compat
 from famfind.errors import FamfindError, Interrupted
 from famfind.llm import LLMConfig
 
+
+def _literal(text: str) -> str:
+    """Help text shown as written: the apps render help as rich markup (``rich_markup_mode``
+    set explicitly, as typer 0.12.5 would otherwise ignore its own default), where
+    ``famfind[tl]`` or ``[scan]`` would vanish as unknown style tags."""
+    from rich.markup import escape
+
+    return escape(text)
+
+
 class _OneLineErrors(TyperGroup):
     """The command group with usage errors as one line on stderr (``famfind: usage error:
     ...``, naming the option), exit code 2, instead of click's boxed message."""
@@ -54,9 +64,9 @@ _typer_compat.patch()  # an old typer (sae-dashboard pins < 0.13) under click >=
 
 app = typer.Typer(cls=_OneLineErrors, help="Find and quantify feature families in attention-output (hook_z) SAEs.",
                   context_settings={"help_option_names": ["-h", "--help"]}, no_args_is_help=True,
-                  pretty_exceptions_enable=False)
+                  pretty_exceptions_enable=False, rich_markup_mode="rich")
 heur_app = typer.Typer(help="Installed detectors (heuristics).", no_args_is_help=True,
-                       context_settings={"help_option_names": ["-h", "--help"]})
+                       context_settings={"help_option_names": ["-h", "--help"]}, rich_markup_mode="rich")
 app.add_typer(heur_app, name="heuristics")
 err = Console(stderr=True)
 _state = {"debug": False}
@@ -186,14 +196,15 @@ def scan(
     max_tokens: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N corpus tokens.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N or auto (cuda when torch sees a GPU). "
                                                   "Default: cpu.")] = None,
-    model_backend: Annotated[Optional[str], typer.Option(help="auto (famfind's own forward for GPT-2 checkpoints, "
-                                                         "TransformerLens's TransformerBridge for other "
-                                                         "architectures; needs famfind[tl]), famfind or bridge.")] = None,
+    model_backend: Annotated[Optional[str], typer.Option(help=_literal("auto (famfind's own forward for GPT-2 "
+                                                         "checkpoints, TransformerLens's TransformerBridge for other "
+                                                         "architectures; needs famfind[tl]), famfind or bridge."))] = None,
     autocast: Annotated[Optional[str], typer.Option(help="Run the activation pass's model forward in bf16 or "
                                                     "fp16 (the SAE encode stays fp32); none by default.")] = None,
-    ray: Annotated[Optional[str], typer.Option(help="Shard the activation pass over a Ray cluster: auto (the "
-                                               "running one, else a local one) or its ADDRESS. Needs famfind[ray].")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="TOML with [scan] keys and [detectors.<id>] options.")] = None,
+    ray: Annotated[Optional[str], typer.Option(help=_literal("Shard the activation pass over a Ray cluster: auto "
+                                               "(the running one, else a local one) or its ADDRESS. Needs famfind[ray]."))] = None,
+    config: Annotated[Optional[Path], typer.Option(help=_literal(
+        "TOML with [scan] keys and [detectors.<id>] options."))] = None,
     strict_plugins: Annotated[bool, typer.Option("--strict-plugins", help="A failing plugin stops the scan.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No report, only the scan id.")] = False,
     lock_timeout: Annotated[float, typer.Option(min=0, help="Seconds to wait for the database when another "

@@ -29,6 +29,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from famfind.errors import FamfindError
 from famfind.heuristics.context import ContextFamilies
 from famfind.heuristics.polysemanticity import FAMILY_TYPES, family_outcomes
 from famfind.plugins import Column, Heuristic, Options, Output, Result, Table
@@ -129,7 +130,10 @@ class RDFA(Heuristic):
         uniq = torch.unique_consecutive(ex_seq)
         for b in range(0, uniq.numel(), o.batch_size):
             ids = uniq[b:b + o.batch_size]
-            P = ctx.model.resid_parts(ctx.corpus.tokens[ids].to(dev), L)
+            try:
+                P = ctx.model.resid_parts(ctx.corpus.tokens[ids].to(dev), L)
+            except FamfindError as e:  # a model without the decomposition: this detector fails, the scan goes on
+                raise FamfindError(f"detector {self.id!r}", f"{e.where}: {e.problem}") from None
             sel = torch.nonzero((ex_seq[:, None] == ids[None, :]).any(1)).flatten()
             j = torch.searchsorted(ids, ex_seq[sel])  # row of each example in this batch
             w = W_enc[:, :, ex_f[sel]].permute(2, 0, 1)  # [n, H, dh]

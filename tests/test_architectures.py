@@ -10,7 +10,6 @@ CLI scan of each, with a random SAE, exits 0.
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -148,32 +147,36 @@ def test_backend_choice_and_errors(checkpoints, planted_paths, monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "pythia", "gemma2"])
-def test_cli_scan_of_each_architecture(checkpoints, tmp_path, arch):
-    from famfind.build.train_sae import save_saelens
-    from famfind.cli import app
-    from famfind.sae import SAE
-
-    g = torch.Generator().manual_seed(2)
-    W_dec = torch.randn(64, H * DH, generator=g)
-    W_dec /= W_dec.norm(dim=1, keepdim=True)
-    sae = SAE(W_dec.T.contiguous(), W_dec, torch.full((64,), -0.05), torch.zeros(H * DH),
-              hook_name="blocks.1.attn.hook_z")
-    sae.model_name = str(checkpoints[arch])
-    save_saelens(sae, tmp_path / "sae")
-    np.save(tmp_path / "corpus.npy", torch.randint(0, VOCAB, (8192,), generator=g).numpy().astype(np.int32))
-    db = tmp_path / "s.duckdb"
-    r = CliRunner().invoke(app, ["scan", str(tmp_path / "sae"), "--corpus", str(tmp_path / "corpus.npy"),
-                                 "--db", str(db), "--quiet"])
-    assert r.exit_code == 0, r.output
+def test_cli_scan_of_each_architecture_finds_the_planted_family(tmp_path, arch):
+    """A hand-wired checkpoint of ``arch`` with a previous-token head at query head 0.0
+    (rotary, q/k from biases; GQA for Llama/Gemma-2: 0.1 shares its kv head and is not one)
+    and a layer-0 SAE with planted previous-token features: the CLI scan exits 0, every
+    detector runs, and the previous_token family is exactly the planted one (decoys on 0.0
+    that fire *on* their token fail, controls fail, mean-ablating 0.0 turns all off)."""
     import duckdb
 
+    import planted_arch as pa
+    from famfind.cli import app
+
+    model = pa.build_model(tmp_path / "model", arch)
+    sae = pa.build_sae(tmp_path / "sae", model)
+    corpus = pa.build_corpus(tmp_path / "corpus.npy")
+    db = tmp_path / "s.duckdb"
+    r = CliRunner().invoke(app, ["scan", str(sae), "--corpus", str(corpus),
+                                 "--db", str(db), "--quiet"])
+    assert r.exit_code == 0, r.output
     con = duckdb.connect(str(db), read_only=True)
     try:
-        runs = dict(con.execute("SELECT detector, status FROM detector_runs").fetchall())
         errors = con.execute("SELECT detector, status, error FROM detector_runs WHERE status != 'ok'").fetchall()
-        n_feat = con.execute("SELECT count(*) FROM features").fetchall()[0][0]
+        members = {f for (f,) in con.execute("SELECT feature FROM families WHERE family = 'previous_token'").fetchall()}
+        val = con.execute("SELECT selected, passed, control, control_passed, ablation_tested, ablation_off "
+                          "FROM validation WHERE family = 'previous_token'").fetchall()
+        roles = con.execute("SELECT head, score FROM heads WHERE layer = 0 AND metric = 'previous_token' "
+                            "ORDER BY head").fetchall()
     finally:
         con.close()
-    assert n_feat == 64
-    assert runs["induction_behaviour"] == "ok" and runs["head_roles"] == "ok", errors
-    print(arch, json.dumps({k: v for k, v in runs.items() if v != "ok"}))
+    # rdfa needs GPT-2's LayerNorm and learned positions; it says so and is the only one
+    assert [e[0] for e in errors] == ["rdfa"] and "GPT-2" in errors[0][2], errors
+    assert members == set(pa.PREV), roles
+    n_sel = len(pa.PREV) + len(pa.DECOYS)
+    assert val == [(n_sel, len(pa.PREV), len(pa.CONTROLS), 0, len(pa.PREV), len(pa.PREV))], (val, roles)

@@ -235,6 +235,9 @@ def test_help_and_flags_work_under_the_installed_typer_and_click(runner, tmp_pat
     assert r.exit_code == 0, r.output
     flag = next(ln for ln in r.output.splitlines() if "--strict-plugins" in ln)
     assert "TEXT" not in flag, flag  # a boolean flag, not a string option
+    text = " ".join(r.output.replace("│", " ").split())  # help shown as written (typer 0.15+ reads rich markup)
+    for needle in ("needs famfind[tl])", "Needs famfind[ray].", "TOML with [scan] keys and [detectors.<id>] options."):
+        assert needle in text, needle
     assert runner.invoke(app, ["--help"]).exit_code == 0
     # an option with a value takes it; a bad one is a one-line usage error
     r = runner.invoke(app, ["sql", "SELECT 1 AS one", "--db", str(tmp_path / "none.duckdb")])
