@@ -59,7 +59,7 @@ class ConfigFile(BaseModel):
 
 
 class SAELensMetadata(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", protected_namespaces=())  # model_* fields: no warning on pydantic < 2.10
     hook_name: str | None = None
     model_name: str | None = None
 
@@ -69,7 +69,7 @@ class SAELensCfg(BaseModel):
     SAELens >= 6 nests ``hook_name``/``model_name`` under ``metadata``; older ones have
     ``hook_name`` (or ``hook_point``) and ``model_name`` at top level."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", protected_namespaces=())  # model_* fields: no warning on pydantic < 2.10
     d_in: PositiveInt | None = None
     d_sae: PositiveInt | None = None
     architecture: Literal["standard", "topk", "jumprelu"] = "standard"
@@ -94,7 +94,7 @@ class SAELensCfg(BaseModel):
 class KissaneCfg(BaseModel):
     """A Kissane et al. (2024) release ``*_cfg.json``."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", protected_namespaces=())  # model_* fields: no warning on pydantic < 2.10
     act_size: PositiveInt
     dict_size: PositiveInt
     act_name: str
@@ -105,7 +105,7 @@ class KissaneCfg(BaseModel):
 class GPT2Config(BaseModel):
     """The keys of a Hugging Face GPT-2 ``config.json`` the built-in runner uses."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", protected_namespaces=())  # model_* fields: no warning on pydantic < 2.10
     model_type: str
     n_layer: PositiveInt
     n_head: PositiveInt
