@@ -58,29 +58,32 @@ def build_model(out: Path, n_layers: int, d_model: int, n_heads: int, vocab: int
 
 
 @torch.no_grad()
-def build_saes(model, d_sae: int, calib: torch.Tensor, target_l0: float, device: str) -> list:
-    """One SAE per layer: random unit-norm decoder rows, encoder = decoder^T, ``b_dec`` the
-    mean hook_z, ``b_enc`` minus each feature's ``1 - target_l0 / d_sae`` quantile of its
-    pre-activation on ``calib`` (a streaming top-k over 32-sequence chunks, so memory stays
-    ``chunk x d_sae``)."""
+def build_saes(model, d_sae: int, calib: torch.Tensor, target_l0: float, device: str,
+               only: list[int] | None = None) -> list:
+    """One SAE per layer (or per layer of ``only``): random unit-norm decoder rows, encoder =
+    decoder^T, ``b_dec`` the mean hook_z, ``b_enc`` minus each feature's ``1 - target_l0 /
+    d_sae`` quantile of its pre-activation on ``calib`` (a streaming top-k over 32-sequence
+    chunks, so memory stays ``chunk x d_sae``). A layer's SAE is the same with or without
+    ``only``."""
     from famfind.sae import SAE
 
     g = torch.Generator().manual_seed(1)
     d_in = model.cfg.n_heads * model.cfg.d_head
-    layers = list(range(model.cfg.n_layers))
     chunks = calib.split(32)
     W_decs = []
-    for _ in layers:
+    for _ in range(model.cfg.n_layers):  # every layer's draw, so layer L's decoder never depends on `only`
         W_dec = torch.randn(d_sae, d_in, generator=g).to(device)
         W_decs.append(W_dec / W_dec.norm(dim=1, keepdim=True))
+    layers = list(range(model.cfg.n_layers)) if only is None else sorted(only)
+    W_decs = dict(enumerate(W_decs))
     n = calib.numel()
     k = max(1, int(round(target_l0 / d_sae * n)))  # each feature fires on ~k of the n positions
-    b_dec = [torch.zeros(d_in, device=device) for _ in layers]
+    b_dec = {lyr: torch.zeros(d_in, device=device) for lyr in layers}
     for c in chunks:  # the mean of hook_z first, then a streaming per-feature top-k of the pre-activations
         zs = model.run_hook_zs(c, layers)
         for lyr in layers:
             b_dec[lyr] += zs[lyr].flatten(0, 1).flatten(-2).sum(0) / n
-    top = [None] * len(layers)
+    top = dict.fromkeys(layers)
     for c in chunks:
         zs = model.run_hook_zs(c, layers)
         for lyr in layers:
@@ -117,6 +120,20 @@ def pass_flops_per_token(cfg, layers: list[int], d_sae: int) -> float:
     return (max(layers) + 1) * per_layer + len(layers) * 2 * d * d_sae
 
 
+def peak_rss_mib() -> float:
+    """This process's peak RSS (MiB). On Linux ``VmHWM`` of /proc/self/status: ``ru_maxrss``
+    of a child started by ``subprocess`` also counts the parent's peak before the exec (the
+    kernel carries the old address space's high-water mark over), which made an earlier run
+    report the parent's 4.6 GB (12 SAEs held) as the scan's."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / (1024 if sys.platform == "darwin" else 1)
+
+
 def child_scan(spec: dict) -> None:
     """One full scan in this (fresh) process: ``famfind scan`` of ``spec["saes"]`` over
     ``spec["corpus"]``, written to DuckDB and rendered as HTML; prints one JSON line."""
@@ -148,7 +165,7 @@ def child_scan(spec: dict) -> None:
     print(json.dumps({
         "detectors_s": sum(x for x, _ in det), "slowest": [[i, round(x, 1)] for x, i in det[:5]],
         "scan_s": scan_s, "write_s": write_s, "html_s": html_s, "n_families": n_fam, "failed": failed,
-        "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_mib": peak_rss_mib(),
         "gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.startswith("cuda") else None,
         "db_mb": db.stat().st_size / 1e6, "page_mb": max(p.stat().st_size for p in pages) / 1e6,
         "cards_mb": sum(f.stat().st_size for p in pages for f in cards_dir(p).glob("*.js")) / 1e6}))
@@ -199,8 +216,11 @@ def run(args, device: str, sizes: list[int], scan_sizes: list[int], tmp: Path) -
     g = torch.Generator().manual_seed(2)
     calib = torch.randint(0, vocab, (512, SEQ), generator=g).to(device)  # 65,536 positions
     t0 = time.time()
-    saes = build_saes(model, d_sae, calib, 20.0, device)
-    mid = saes[min(5, n_layers - 1)]  # layer 5 at GPT-2-small shape
+    mid_layer = min(5, n_layers - 1)  # layer 5 at GPT-2-small shape
+    # only the scanned SAE when there is no pass table and the CPU scans just layer 5
+    saes = build_saes(model, d_sae, calib, 20.0, device,
+                      only=[mid_layer] if args.skip_pass and device != "cuda" else None)
+    mid = next(s for s in saes if s.layer == mid_layer)
     print(f"device {device} ({torch.cuda.get_device_name() if device == 'cuda' else f'{torch.get_num_threads()} threads'}); "
           f"model {cfg.n_layers} layers x {cfg.n_heads} heads x d_head {cfg.d_head}, vocab {cfg.d_vocab}; "
           f"{len(saes)} SAEs x {d_sae} features (built in {time.time() - t0:.0f} s); batch {bs} x {SEQ} tokens; "
