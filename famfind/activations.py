@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable
 
+import numpy as np
 import torch
 
 from famfind.sae import SAE
@@ -264,12 +265,16 @@ class Reservoir:
 
 
 class RandomContexts:
-    """``n`` random corpus positions (chosen over the whole corpus from ``seed``) and the
-    features active at each; each shard fills the positions inside its rows."""
+    """``n`` random corpus positions (chosen over the whole corpus from ``seed``, uniformly
+    without replacement) and the features active at each; each shard fills the positions
+    inside its rows. Memory is O(n), not O(corpus): numpy's ``Generator.choice`` draws a few
+    positions out of many by Floyd's algorithm (a hash set of the ``n`` chosen) rather than a
+    permutation of all ``n_seq * T`` positions."""
 
     def __init__(self, n: int, n_seq: int, T: int, seed: int):
         n = min(n, n_seq * T)
-        rnd = torch.randperm(n_seq * T, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+        pick = np.random.default_rng(seed).choice(n_seq * T, size=n, replace=False)
+        rnd = torch.from_numpy(np.sort(pick).astype(np.int64))
         self.seq, self.pos = rnd // T, rnd % T
         self.active: dict[int, list[int]] = {}
 

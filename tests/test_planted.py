@@ -131,3 +131,18 @@ def test_examples_samples_and_random_contexts_match_recomputed_activations(plant
                     torch.testing.assert_close(wins[r, f, j].float(), want.half().float(), rtol=2e-3, atol=1e-3)
     for s, p, active in zip(st.random_seq.tolist(), st.random_pos.tolist(), st.random_active):
         assert active == torch.nonzero(acts[s, p] > 0).flatten().tolist()
+
+
+def test_random_contexts_are_distinct_uniform_and_need_no_corpus_sized_memory():
+    from famfind.activations import RandomContexts
+
+    # 10^12 positions: a permutation of them (the old sampler) cannot be allocated at all
+    big = RandomContexts(256, n_seq=10**10, T=100, seed=3)
+    flat = big.seq * 100 + big.pos
+    assert flat.numel() == 256 and flat.unique().numel() == 256 and (flat[1:] > flat[:-1]).all()
+    assert 0 <= int(flat.min()) and int(flat.max()) < 10**12
+    assert (flat < 5 * 10**11).sum() not in (0, 256)  # spread over the corpus, not its start
+    again = RandomContexts(256, n_seq=10**10, T=100, seed=3)
+    assert torch.equal(again.seq, big.seq) and torch.equal(again.pos, big.pos)  # from the seed
+    small = RandomContexts(256, n_seq=3, T=10, seed=0)  # fewer positions than asked: all of them
+    assert sorted((small.seq * 10 + small.pos).tolist()) == list(range(30))
