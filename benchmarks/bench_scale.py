@@ -253,7 +253,7 @@ def run(args, device: str, sizes: list[int], scan_sizes: list[int], tmp: Path) -
         s.model_name = str(tmp / "model")
         save_saelens(s.to("cpu"), tmp / "saes" / f"blocks.{s.layer}.attn.hook_z")
         paths.append(str(tmp / "saes" / f"blocks.{s.layer}.attn.hook_z"))
-    mid_path = paths[scanned.index(mid)]
+    mid_path = paths[next(i for i, s in enumerate(scanned) if s is mid)]  # SAE's == compares tensors
     del saes, model
 
     def corpus_of(n_tok: int) -> Path:
