@@ -5,11 +5,11 @@ GPT-NeoX/Pythia (rotary, parallel attention) and Gemma-2 (GQA, attention soft-ca
 extra norms) are built offline from ``transformers`` config classes. famfind's hook_z (clean
 and with a head mean-ablated upstream), its per-query-head weights and its W_U are checked
 against the Hugging Face model itself (the input of each layer's output projection), and a
-CLI scan of each, with a random SAE, exits 0.
+CLI scan of a hand-wired checkpoint of each (tests/planted_arch.py) with a planted SAE exits 0
+and finds exactly the planted previous-token family.
 """
 
 from __future__ import annotations
-
 
 import numpy as np
 import pytest
