@@ -24,7 +24,8 @@ def main() -> None:
     ap.add_argument("--precisions", default="none,bf16,fp16")
     args = ap.parse_args()
     from famfind.heuristics.induction import InductionBehaviourRates
-    from famfind.scan import ScanConfig, resolve_device, run_scan
+    from famfind.config import ScanConfig
+    from famfind.runner import resolve_device, run_scan
 
     device = resolve_device(args.device)
     runs = {}

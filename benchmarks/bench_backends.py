@@ -23,7 +23,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--max-tokens", type=int, default=None)
     args = ap.parse_args()
-    from famfind.scan import ScanConfig, resolve_device, run_scan
+    from famfind.config import ScanConfig
+    from famfind.runner import resolve_device, run_scan
 
     device = resolve_device(args.device)
     runs, secs = {}, {}

@@ -137,9 +137,11 @@ def peak_rss_mib() -> float:
 def child_scan(spec: dict) -> None:
     """One full scan in this (fresh) process: ``famfind scan`` of ``spec["saes"]`` over
     ``spec["corpus"]``, written to DuckDB and rendered as HTML; prints one JSON line."""
-    from famfind.db import connect, write_scan
+    from famfind.db import connect
+    from famfind.frames import write_scan
     from famfind.reports.html import cards_dir, render_html
-    from famfind.scan import ScanConfig, run_scan
+    from famfind.config import ScanConfig
+    from famfind.runner import run_scan
 
     dev = spec["device"]
     if dev.startswith("cuda"):
@@ -205,7 +207,7 @@ def main() -> None:
 def run(args, device: str, sizes: list[int], scan_sizes: list[int], tmp: Path) -> None:
     from famfind.activations import PassState, activation_pass
     from famfind.build.train_sae import save_saelens
-    from famfind.model import HFGPT2Model
+    from famfind.models.gpt2 import HFGPT2Model
 
     n_layers, d_model, n_heads, d_sae, vocab = (2, 256, 4, 2048, 4096) if args.quick else \
         (N_LAYERS, D_MODEL, N_HEADS, D_SAE, VOCAB)

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from famfind.corpus import default_dir, default_sae, load_corpus
-from famfind.model import HFGPT2Model
+from famfind.models.gpt2 import HFGPT2Model
 from famfind.sae import load_sae
 from famfind.heuristics.attribution import direct_logits
 from famfind.heuristics.induction import behaviour_checks

@@ -2,7 +2,7 @@
 
 Builds the model and SAEs of :mod:`bench_scale` (same seeds: random-init GPT-2-small shape,
 24,576-feature hook_z SAEs calibrated to L0 ~ 20), writes ``--tokens`` random tokens, and runs
-``famfind.scan.run_scan`` over the SAEs of ``--layers``, printing one line per detector step
+``famfind.runner.run_scan`` over the SAEs of ``--layers``, printing one line per detector step
 as it ends: seconds since the scan started, the step's own seconds, the SAE's layer ('-' for a
 model-scope detector), the detector id and the step (``start``/``observe`` run before or
 during the activation pass, ``run`` after it; ``observe`` lines are per batch and left out
@@ -34,13 +34,15 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--observe", action="store_true", help="also print the per-batch observe steps")
     args = ap.parse_args()
-    import famfind.scan as S
+    import famfind.execution as E
+    import famfind.runner as S
+    from famfind.config import ScanConfig
     from famfind.build.train_sae import save_saelens
-    from famfind.model import HFGPT2Model
+    from famfind.models.gpt2 import HFGPT2Model
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     t0 = [time.perf_counter()]
-    step = S._Runner.step
+    step = E.UnitRunner.step
 
     def timed(self, hid, what, fn):
         t = time.perf_counter()
@@ -50,7 +52,7 @@ def main() -> None:
                   f"L{getattr(self.ctx.sae, 'layer', '-')} {hid} {what}", flush=True)
         return r
 
-    S._Runner.step = timed
+    E.UnitRunner.step = timed
     tmp = Path(tempfile.mkdtemp(prefix="famfind-profile-"))
     B.build_model(tmp / "model", B.N_LAYERS, B.D_MODEL, B.N_HEADS, B.VOCAB)
     model = HFGPT2Model(tmp / "model", device)
@@ -66,7 +68,7 @@ def main() -> None:
     np.save(tmp / "tokens.npy", torch.randint(0, B.VOCAB, (args.tokens,), generator=g).numpy().astype(np.int32))
     del saes, model
     t0[0] = time.perf_counter()
-    S.run_scan(S.ScanConfig(sae=tuple(paths), corpus=str(tmp / "tokens.npy"), seq_len=B.SEQ, device=device,
+    S.run_scan(ScanConfig(sae=tuple(paths), corpus=str(tmp / "tokens.npy"), seq_len=B.SEQ, device=device,
                             batch_size=args.batch_size or (256 if device == "cuda" else 32)), log=print)
     print(f"scan {time.perf_counter() - t0[0]:.1f} s", flush=True)
 

@@ -3,21 +3,20 @@
 Implements the automated induction-family analysis of Kissane, Krzyzanowski, Conmy &
 Nanda (2024), "Interpreting Attention Layer Outputs with Sparse Autoencoders", as a scan
 over pluggable detectors whose results land in DuckDB.
+
+The notebook API: ``famfind.scan(...)`` and ``famfind.open(db)`` (:mod:`famfind.api`). They are
+imported on first use (PEP 562 module ``__getattr__``), so ``import famfind`` stays light;
+the runner itself is :mod:`famfind.runner` (there is no module ``famfind.scan``).
 """
 
-__version__ = "0.1.0"
+from famfind.version import __version__
+
+__all__ = ["__version__", "open", "scan"]
 
 
 def __getattr__(name: str):
-    """``famfind.scan(...)`` and ``famfind.open(db)`` (the notebook API, :mod:`famfind.api`),
-    imported on first use so ``import famfind`` stays light. ``famfind.scan`` is also the
-    module :mod:`famfind.scan`, made callable."""
-    if name == "scan":
-        import importlib
+    if name in ("scan", "open"):
+        from famfind import api
 
-        return importlib.import_module("famfind.scan")
-    if name == "open":
-        from famfind.api import open as open_
-
-        return open_
+        return getattr(api, name)
     raise AttributeError(f"module 'famfind' has no attribute {name!r}")

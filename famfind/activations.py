@@ -73,7 +73,7 @@ def encode_hook(model, sae: SAE, tokens: torch.Tensor, ablate=None,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``model`` to the SAE's hook and encode: ``(z [batch, pos, n_heads, d_head],
     acts [batch, pos, d_sae])``. ``tokens [batch, pos]`` on the model's device; ``ablate``
-    as :meth:`famfind.model.AttnModel.run_hook_z`; ``positions``: encode only these (both
+    as :meth:`famfind.models.base.AttnModel.run_hook_z`; ``positions``: encode only these (both
     outputs are cut to them); ``features``: encode only these (``acts [batch, pos,
     len(features)]``, :meth:`famfind.sae.SAE.encode_features`). The one path from tokens to
     SAE features."""

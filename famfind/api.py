@@ -1,8 +1,8 @@
 """The notebook API: ``famfind.scan(...)`` and ``famfind.open(db)``.
 
 ``famfind.scan(sae, model=..., corpus=..., **options)`` runs a scan in this process (the
-same :func:`famfind.scan.run_scan` as ``famfind scan``; ``options`` are
-:class:`famfind.scan.ScanConfig` keys) and returns a :class:`ScanTables`: every table of the
+same :func:`famfind.runner.run_scan` as ``famfind scan``; ``options`` are
+:class:`famfind.config.ScanConfig` keys) and returns a :class:`ScanTables`: every table of the
 scan as a polars DataFrame (``result["families"]``), the typed outputs (``result.result``),
 and ``result.to_duckdb(path)`` to store it afterwards. ``famfind.open(db)`` returns a
 :class:`Database` whose stored scans give their tables the same way, read lazily (one
@@ -16,7 +16,11 @@ from typing import Any
 
 import polars as pl
 
+from famfind.config import ScanConfig
+from famfind.db import check_writable, connect, resolve_scan_id, write_frames
 from famfind.errors import FamfindError
+from famfind.frames import scan_declarations, scan_frames
+from famfind.runner import run_scan
 
 
 class _Tables:
@@ -42,7 +46,7 @@ class _Tables:
 class ScanTables(_Tables):
     """A scan run in this process: ``names`` (its tables), ``table(name)`` / ``[name]`` (a
     polars DataFrame, without ``scan_id``), ``result`` (the
-    :class:`famfind.scan.ScanResult`: typed outputs, ``result.output(T, layer)``), and
+    :class:`famfind.runner.ScanResult`: typed outputs, ``result.output(T, layer)``), and
     :meth:`to_duckdb`. Tables are built once, on first access."""
 
     def __init__(self, result):
@@ -52,8 +56,6 @@ class ScanTables(_Tables):
     @property
     def frames(self) -> dict[str, pl.DataFrame]:
         if self._frames is None:
-            from famfind.db import scan_declarations, scan_frames
-
             order = {t.name: [c.name for c in t.columns] for t in scan_declarations(self.result)[0]}
             self._frames = {n: df.select([c for c in order.get(n, []) if c in df.columns]
                                          + [c for c in df.columns if c not in order.get(n, [])])
@@ -75,8 +77,6 @@ class ScanTables(_Tables):
         """Store the scan in the DuckDB file ``path`` (created if new) in one transaction,
         exactly as ``famfind scan --db path`` does; returns its ``scan_id``. Raises
         ``FamfindError`` naming the file."""
-        from famfind.db import check_writable, scan_declarations, write_frames
-
         check_writable(path)
         tables, views = scan_declarations(self.result)
         return write_frames(path, self.frames, tables, views, lock_timeout)
@@ -118,8 +118,6 @@ class Database:
     manager."""
 
     def __init__(self, path: str | Path):
-        from famfind.db import connect
-
         self.path = Path(path)
         if not self.path.exists():
             raise FamfindError(self.path, "database not found")
@@ -143,8 +141,6 @@ class Database:
     def scan(self, scan_id: int | None = None) -> StoredScan:
         """Scan ``scan_id`` (default: the latest); ``FamfindError`` naming the file when
         there is none."""
-        from famfind.db import resolve_scan_id
-
         return StoredScan(self, resolve_scan_id(self._cur(), self.path, scan_id))
 
     def sql(self, query: str, *params: Any) -> pl.DataFrame:
@@ -169,13 +165,11 @@ def scan(sae: str | Path | list | tuple | None = None, model: str | Path | None 
 
     ``sae``: one SAE path or folder, or a list (default: the embedded default's SAEs);
     ``model``, ``corpus``: as ``famfind scan --model/--corpus``; ``options``: any
-    :class:`famfind.scan.ScanConfig` key (``max_tokens=100_000``, ``device="cuda"``,
+    :class:`famfind.config.ScanConfig` key (``max_tokens=100_000``, ``device="cuda"``,
     ``select=["induction_selection"]``, ``detector_options={"clusters": {"k_max": 10}}``).
     ``progress``: rich progress bars on stderr. Raises ``FamfindError`` for bad input, with
     the same one-line messages as the CLI.
     """
-    from famfind.scan import ScanConfig, run_scan
-
     saes = () if sae is None else tuple(str(s) for s in sae) if isinstance(sae, (list, tuple)) else (str(sae),)
     cfg = ScanConfig.from_dict({**options, "sae": saes, "model": None if model is None else str(model),
                                 "corpus": None if corpus is None else str(corpus)})

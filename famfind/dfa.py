@@ -86,7 +86,7 @@ def dfa_by_source(pattern: torch.Tensor, v: torch.Tensor, W_enc: torch.Tensor, b
     """DFA by source position for several (feature, destination) pairs of one sequence.
 
     ``pattern [n_heads, pos, pos]`` and ``v [pos, n_heads, d_head]`` of the SAE's layer
-    (:meth:`famfind.model.AttnModel.attn_parts`), ``W_enc [n_heads*d_head, d_sae]``,
+    (:meth:`famfind.models.base.AttnModel.attn_parts`), ``W_enc [n_heads*d_head, d_sae]``,
     ``features`` and ``dest`` ``[n]`` (int). Returns ``[n, n_heads, pos]``: the contribution
     of head h reading source position ``src`` to the feature's pre-activation at ``dest``;
     summed over heads and sources it equals the heads' part of the pre-activation.

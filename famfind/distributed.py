@@ -1,12 +1,12 @@
 """Distributed activation pass on Ray (``famfind scan --ray auto|ADDRESS``).
 
-The corpus is cut into contiguous sequence ranges (:func:`famfind.scan.shard_rows`), one Ray
+The corpus is cut into contiguous sequence ranges (:func:`famfind.execution.shard_rows`), one Ray
 task each. A task loads the scan's SAEs and model itself (from the same paths or
 TransformerLens names, on its own device: the GPU Ray gave it, or the CPU), receives the
 corpus and the outputs of every detector that ran before the pass (pickled once into the
 object store), runs the activation pass over its rows with fresh accumulators and fresh
 instances of the observing detectors, and returns them. The driver merges them in corpus
-order exactly as a one-process sharded scan does (:func:`famfind.scan.merge_shard`) and runs
+order exactly as a one-process sharded scan does (:func:`famfind.execution.merge_shard`) and runs
 everything after the pass once, so the answer is one pass's: counts, histograms and top-k
 examples equal, float sums to rounding.
 
@@ -22,7 +22,14 @@ from typing import Callable
 
 import torch
 
+from famfind.config import ScanConfig
 from famfind.errors import FamfindError
+from famfind.execution import UnitRunner, merge_shard, run_shard, shard_rows
+from famfind.inputs import load_saes
+from famfind.models import load_model
+from famfind.plugins import ScanContext
+from famfind.proxies import default_proxies
+from famfind.registry import default_registry
 
 MAX_RETRIES = 3  # re-runs of a shard whose worker died
 
@@ -91,11 +98,6 @@ def _shard_task(config: dict, requested_device: str, blob: bytes, lo: int, hi: i
     """One shard on a Ray worker: returns the pickled ``(states, instances, failed runs)``."""
     import ray
 
-    from famfind.plugins import ScanContext, default_registry
-    from famfind.proxies import default_proxies
-    from famfind.model import load_model
-    from famfind.scan import ScanConfig, _Runner, load_saes, run_shard
-
     cfg = ScanConfig.from_dict({**config, "device": _worker_device(requested_device, ray), "ray": None})
     torch.manual_seed(cfg.seed)
     reg = default_registry(cfg.plugins, cfg.strict_plugins)  # plugin classes before the payload names them
@@ -107,14 +109,14 @@ def _shard_task(config: dict, requested_device: str, blob: bytes, lo: int, hi: i
     saes = {name: sae for name, _, sae in loaded}
     by_sae = p["by_sae"]
     mctx = ScanContext(None, model, p["corpus"], cfg, saes=saes, by_sae=by_sae, outputs=p["shared"])
-    munit = _Runner(reg, {}, mctx, cfg.strict_plugins, lambda m: None)
+    munit = UnitRunner(reg, {}, mctx, cfg.strict_plugins, lambda m: None)
     munit.runs = p["model_runs"]
     units = []
     for name, _, sae in loaded:
         ctx = ScanContext(sae, model, p["corpus"], cfg, outputs=by_sae[name], sae_id=name, saes=saes,
                           shared=p["shared"], by_sae=by_sae)
         dets = {h: reg.get(h).cls(p["options"][h]) for h in p["observing"][name]}
-        u = _Runner(reg, dets, ctx, cfg.strict_plugins, lambda m: None, model=munit)
+        u = UnitRunner(reg, dets, ctx, cfg.strict_plugins, lambda m: None, model=munit)
         u.runs = p["runs"][name]
         units.append(u)
     munit.sae_units = units
@@ -127,14 +129,12 @@ def _shard_task(config: dict, requested_device: str, blob: bytes, lo: int, hi: i
 
 def ray_pass(units, observing: list[list[str]], config, progress: Callable[[int], None] | None,
              requested_device: str) -> list:
-    """Run the activation pass of ``units`` (:class:`famfind.scan._Runner`, one per SAE) as
+    """Run the activation pass of ``units`` (:class:`famfind.execution.UnitRunner`, one per SAE) as
     Ray tasks, one per shard, and merge their accumulators and detector instances in corpus
     order. Shards: ``max(config.shards, workers)``, workers = the cluster's GPUs when the
     scan runs on cuda (one task per GPU), else its CPUs. Returns each unit's merged
     :class:`famfind.activations.PassState`. Raises ``FamfindError`` without ray, when the
     cluster cannot be reached, or when a task fails on bad input."""
-    from famfind.scan import merge_shard, shard_rows
-
     ray = connect(config.ray)
     from ray import cloudpickle
 

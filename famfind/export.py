@@ -10,7 +10,7 @@ from famfind.errors import FamfindError
 def _docs(plugins=()) -> dict[str, tuple[str, dict[str, str]]]:
     """Table name -> (its doc, column -> doc), from the declarations (core, installed and
     ``plugins`` detectors, labels)."""
-    from famfind.plugins import default_registry
+    from famfind.registry import default_registry
     from famfind.schema import CORE, LABELS, LLM_CACHE
 
     det_tables, _ = default_registry(plugins).declared_tables()

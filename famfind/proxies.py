@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from famfind.errors import FamfindError
-from famfind.plugins import LoadError, load_entry_point_group, load_plugin_file
+from famfind.registry import LoadError, load_entry_point_group, load_plugin_file
 
 ENTRY_POINT_GROUP = "famfind.proxies"
 ID_RE = re.compile(r"^[a-z][a-z0-9_]*$")

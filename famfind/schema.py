@@ -274,6 +274,7 @@ created_at TIMESTAMP: when it was cached
 """), "every LLM reply, shared by every scan in the file", per_scan=False, primary_key="key")
 
 CORE_NAMES = frozenset(t.name for t in (*CORE, LABELS, LLM_CACHE))
+CORE_BY_NAME = {t.name: t for t in CORE}
 
 
 def markdown(tables: list[Table], views: list[View]) -> str:

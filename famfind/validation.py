@@ -6,7 +6,7 @@ the key and the problem on one line, e.g.
 ``scan.toml: [scan] batch_size: Input should be greater than 0 (got 0)``.
 
 - :class:`ConfigFile`: a ``--config`` TOML file (``[scan]``, ``[detectors.<id>]``); its
-  ``[scan]`` keys are typed by :class:`famfind.scan.ScanConfig` itself.
+  ``[scan]`` keys are typed by :class:`famfind.config.ScanConfig` itself.
 - :class:`SAELensCfg`: a SAELens ``cfg.json`` (or a safetensors ``"cfg"`` metadata entry);
   :class:`KissaneCfg`: a Kissane et al. (2024) ``*_cfg.json``.
 - :class:`GPT2Config`: a Hugging Face GPT-2 ``config.json`` (``n_embd`` a multiple of

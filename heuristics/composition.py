@@ -6,7 +6,7 @@ For an earlier head ``h1`` (OV circuit ``W_OV = W_V W_O``, ``[d_model, d_model]`
 head ``h2`` (QK circuit ``W_QK = W_Q W_K^T``), the score is
 ``||left @ right||_F / (||left||_F ||right||_F)`` with ``left = W_OV(h1)`` and ``right`` =
 ``W_QK(h2)`` (Q), ``W_QK(h2)^T`` (K) or ``W_OV(h2)`` (V), on the weights as
-``from_pretrained`` processes them (:meth:`famfind.model.AttnModel.circuit_weights`). The
+``from_pretrained`` processes them (:meth:`famfind.models.base.AttnModel.circuit_weights`). The
 Frobenius norms are computed in the factored form (``d_head x d_head`` Gram matrices), so
 GPT-2 small's 144 x 144 head pairs cost a few GFLOP, never a ``d_model^2`` matrix per pair.
 An induction head is expected to K-compose with a previous-token head of an earlier layer.

@@ -69,7 +69,7 @@ def sections(con, scan_id: int, console: Console | None = None, sae: str | None 
     """``(detector class or None, Section)`` for each detector that ran ok in the scan on SAE
     ``sae`` (``None``: the ``scope="model"`` detectors), in run order; the class is ``None``
     when the detector is not installed here any more."""
-    from famfind.plugins import default_registry
+    from famfind.registry import default_registry
 
     reg = default_registry()
     rows = con.execute("SELECT detector, summary FROM detector_runs WHERE scan_id = ? AND status = 'ok' AND "

@@ -73,7 +73,7 @@ def report_data(con, scan_id: int, max_features: int | None = None, sae: str | N
          lambda f, r: f["hist"].append([r["bin"], r["count"]]))
     bins = [list(r) for r in con.execute("SELECT DISTINCT bin, lo, hi FROM activation_histogram WHERE scan_id = ? "
                                          "AND sae = ? ORDER BY bin", [scan_id, sae]).fetchall()]  # [bin, lo, hi]
-    top: dict = {"clusters": []}
+    top: dict = {}  # the detectors' own top-level parts (each html_part), e.g. the cluster sizes
     for cls, sec in [*sections(con, scan_id), *sections(con, scan_id, sae=sae)]:
         if cls is None:
             continue

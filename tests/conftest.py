@@ -20,8 +20,9 @@ def planted_paths(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def planted_scan(planted_paths, tmp_path_factory):
     """(ScanResult, db path, scan_id) for a default scan of the planted SAE."""
-    from famfind.db import write_scan
-    from famfind.scan import ScanConfig, run_scan
+    from famfind.frames import write_scan
+    from famfind.config import ScanConfig
+    from famfind.runner import run_scan
 
     cfg = ScanConfig(sae=str(planted_paths["sae"]), corpus=str(planted_paths["corpus"]), seq_len=64)
     result = run_scan(cfg)
@@ -34,8 +35,9 @@ def default_scan(tmp_path_factory):
     """(db path, scan_id) of one scan of the embedded default on its first 100k eval tokens
     (shared by the HTML and labelling tests; copy the file before writing to it)."""
     from famfind.corpus import default_sae
-    from famfind.db import write_scan
-    from famfind.scan import ScanConfig, run_scan
+    from famfind.frames import write_scan
+    from famfind.config import ScanConfig
+    from famfind.runner import run_scan
 
     if not (default_sae(1) / "cfg.json").exists():
         pytest.skip("embedded default artefacts are not built")

@@ -17,7 +17,7 @@ import torch
 from typer.testing import CliRunner
 
 from famfind.errors import FamfindError
-from famfind.model import BridgeModel, HFGPT2Model, load_model
+from famfind.models import BridgeModel, HFGPT2Model, load_model
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the [test] extra")
 pytest.importorskip("transformer_lens.model_bridge", reason="TransformerBridge needs TransformerLens >= 3.9")
@@ -139,9 +139,9 @@ def test_backend_choice_and_errors(checkpoints, planted_paths, monkeypatch):
         load_model(checkpoints["llama"], backend="tl5")
     with pytest.raises(FamfindError, match="recursive DFA needs GPT-2"):
         load_model(checkpoints["llama"]).resid_parts(torch.zeros(1, 4, dtype=torch.long), 1)
-    import famfind.model as fm
+    import famfind.models.bridge as fm
 
-    monkeypatch.setattr(fm, "_bridge_class", lambda: None)
+    monkeypatch.setattr(fm, "bridge_class", lambda: None)
     with pytest.raises(FamfindError, match=r"famfind\[tl\]"):
         load_model(checkpoints["llama"])
 

@@ -201,7 +201,7 @@ def test_failed_write_leaves_no_rows(planted_scan, tmp_path):
     """A write that fails half-way (the last table's rows do not fit its column types) is rolled back."""
     import polars as pl
 
-    from famfind.db import write_scan
+    from famfind.frames import write_scan
     from famfind.errors import FamfindError
 
     result, _, _ = planted_scan

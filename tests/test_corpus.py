@@ -9,7 +9,7 @@ import pytest
 
 from famfind.corpus import load_corpus
 from famfind.errors import FamfindError
-from famfind.model import HFTokenizer
+from famfind.models.gpt2 import HFTokenizer
 
 DOCS = ["The induction head copies the token after an earlier match. " * 3,
         "def f(x):\n    return x + 1\n" * 4, "Previous-token heads attend one position back. " * 3]

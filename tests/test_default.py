@@ -12,7 +12,7 @@ import torch
 from famfind.corpus import default_dir, default_sae
 from famfind.heuristics.head_roles import HeadRoleScores
 from famfind.heuristics.induction import InductionBehaviourRates, InductionFamily
-from famfind.model import HFGPT2Model
+from famfind.models.gpt2 import HFGPT2Model
 from famfind.roles import head_scores
 from famfind.sae import load_sae
 
@@ -74,8 +74,9 @@ def test_l0_on_a_slice(model, sae):
 
 def test_scan_runs_end_to_end_and_reports_what_it_finds(tmp_path):
     """Every built-in detector runs on the real default and writes its rows."""
-    from famfind.db import write_scan
-    from famfind.scan import ScanConfig, run_scan
+    from famfind.frames import write_scan
+    from famfind.config import ScanConfig
+    from famfind.runner import run_scan
 
     import duckdb
 
@@ -100,8 +101,9 @@ def test_scan_runs_end_to_end_and_reports_what_it_finds(tmp_path):
 
 
 def test_scan_finds_the_induction_family(tmp_path):
-    from famfind.db import write_scan
-    from famfind.scan import ScanConfig, run_scan
+    from famfind.frames import write_scan
+    from famfind.config import ScanConfig
+    from famfind.runner import run_scan
 
     res = run_scan(ScanConfig(sae=str(default_sae(1)), max_tokens=300_000))
     assert write_scan(tmp_path / "d.duckdb", res) == 1

@@ -12,7 +12,7 @@ from famfind.errors import FamfindError
 
 
 def test_resolve_device():
-    from famfind.scan import resolve_device
+    from famfind.runner import resolve_device
 
     assert resolve_device("cpu") == "cpu"
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -32,7 +32,8 @@ def _families(res) -> list[tuple]:
 @pytest.fixture(scope="module")
 def induction_scans(planted_paths):
     """The planted SAE's induction family (selection + behaviour) in fp32, bf16 and fp16."""
-    from famfind.scan import ScanConfig, run_scan
+    from famfind.config import ScanConfig
+    from famfind.runner import run_scan
 
     return {ac: run_scan(ScanConfig(sae=str(planted_paths["sae"]), corpus=str(planted_paths["corpus"]), seq_len=64,
                                     select=("induction_selection", "induction_behaviour"), autocast=ac))
@@ -42,7 +43,7 @@ def induction_scans(planted_paths):
 @pytest.mark.parametrize("autocast", ["bf16", "fp16"])
 def test_autocast_pass_finds_the_planted_families_of_fp32(induction_scans, planted_paths, autocast):
     from famfind.activations import PassState, activation_pass
-    from famfind.model import load_model
+    from famfind.models import load_model
     from famfind.sae import load_sae
 
     fp32, res = induction_scans["none"], induction_scans[autocast]

@@ -32,8 +32,9 @@ DETECTOR = {"successor": "successor_features", "name_mover": "name_mover_feature
 
 @pytest.fixture(scope="session")
 def families_scan(tmp_path_factory):
-    from famfind.db import write_scan
-    from famfind.scan import ScanConfig, run_scan
+    from famfind.frames import write_scan
+    from famfind.config import ScanConfig
+    from famfind.runner import run_scan
 
     paths = pf.build_all(tmp_path_factory.mktemp("planted_families"))
     # smaller synthetic samples than the defaults, to keep CI fast on 2 cores

@@ -90,9 +90,11 @@ def test_24k_feature_report_stays_small_and_opens_far_pages(planted_paths, tmp_p
     import sys
     from pathlib import Path
 
-    from famfind.db import connect, write_scan
+    from famfind.db import connect
+    from famfind.frames import write_scan
     from famfind.reports.html import cards_dir, load_cards, page_data, render_html
-    from famfind.scan import ScanConfig, run_scan
+    from famfind.config import ScanConfig
+    from famfind.runner import run_scan
 
     sys.path.insert(0, str(Path(__file__).parent))
     import planted

@@ -70,7 +70,7 @@ def test_behaviour_vectorised_matches_per_feature_loop(planted_paths):
     """The vectorised checks equal a plain per-sequence, per-position Python loop."""
     import numpy as np
 
-    from famfind.model import HFGPT2Model
+    from famfind.models.gpt2 import HFGPT2Model
     from famfind.sae import load_sae
     from famfind.heuristics.induction import behaviour_checks
 

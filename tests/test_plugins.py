@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from famfind.errors import FamfindError
-from famfind.plugins import (Column, Heuristic, Output, Registry, Result, Table, default_registry,
-                             execution_order, selected_ids)
+from famfind.plugins import Column, Heuristic, Output, Result, Table
+from famfind.registry import Registry, default_registry, execution_order, selected_ids
 
 OUT: dict[str, type] = {}  # detector id -> its output type (module-level, so the source check resolves it)
 
@@ -148,7 +148,8 @@ def test_a_plugin_drawing_random_numbers_changes_no_builtin_result(planted_paths
     plugin that runs first and draws heavily leaves the built-ins' random samples as they were."""
     from famfind.heuristics.induction import InductionFamily
     from famfind.heuristics.head_roles import HeadRoleScores
-    from famfind.scan import ScanConfig, run_scan
+    from famfind.config import ScanConfig
+    from famfind.runner import run_scan
 
     plug = tmp_path / "greedy.py"
     plug.write_text("import torch\nfrom famfind.plugins import Heuristic, Result\n\n"

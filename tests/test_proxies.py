@@ -205,7 +205,8 @@ def context_paths(tmp_path_factory):
 
 
 def _scan(paths, **kw):
-    from famfind.scan import ScanConfig, run_scan
+    from famfind.config import ScanConfig
+    from famfind.runner import run_scan
 
     return run_scan(ScanConfig(sae=str(paths["sae"]), corpus=str(paths["corpus"]), seq_len=64,
                                select=("context_features",), **kw))
@@ -255,7 +256,7 @@ def test_proxy_accumulators_merge_across_shards(context_paths, context_scan):
 
 
 def test_tables_and_a_user_proxy_file(context_paths, tmp_path):
-    from famfind.db import write_scan
+    from famfind.frames import write_scan
 
     user = tmp_path / "my_proxy.py"
     user.write_text("import numpy as np\nfrom famfind.proxies import Proxy\n\n"
@@ -265,7 +266,8 @@ def test_tables_and_a_user_proxy_file(context_paths, tmp_path):
     broken = tmp_path / "broken_proxy.py"
     broken.write_text("raise RuntimeError('nope')\n")
     logs = []
-    from famfind.scan import ScanConfig, run_scan
+    from famfind.config import ScanConfig
+    from famfind.runner import run_scan
 
     res = run_scan(ScanConfig(sae=str(context_paths["sae"]), corpus=str(context_paths["corpus"]), seq_len=64,
                               select=("context_features",), proxies=(str(user), str(broken))), log=logs.append)
@@ -351,7 +353,8 @@ def test_candidate_families_find_the_unexplained_prose_features(context_paths):
     candidate is not validated."""
     import polars as pl
 
-    from famfind.scan import ScanConfig, run_scan
+    from famfind.config import ScanConfig
+    from famfind.runner import run_scan
 
     res = run_scan(ScanConfig(sae=str(context_paths["sae"]), corpus=str(context_paths["corpus"]), seq_len=64,
                               select=("candidate_families",),

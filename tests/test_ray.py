@@ -29,8 +29,9 @@ def _kw(paths) -> dict:
 @pytest.fixture(scope="module")
 def one_process(planted_paths, tmp_path_factory):
     """The two planted SAEs scanned in one process, one shard: (ScanResult, db, scan_id)."""
-    from famfind.db import write_scan
-    from famfind.scan import ScanConfig, run_scan
+    from famfind.frames import write_scan
+    from famfind.config import ScanConfig
+    from famfind.runner import run_scan
 
     res = run_scan(ScanConfig(**_kw(planted_paths)))
     db = tmp_path_factory.mktemp("ray") / "one.duckdb"
@@ -51,7 +52,8 @@ def _table(db, table: str) -> list[tuple]:
 
 
 def test_ray_scan_equals_one_process_scan(planted_paths, one_process):
-    from famfind.scan import ScanConfig, run_scan
+    from famfind.config import ScanConfig
+    from famfind.runner import run_scan
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:

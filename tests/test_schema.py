@@ -113,7 +113,7 @@ def test_first_release_database_upgrades_and_reads_the_same(tmp_path):
 
 
 def test_upgrade_then_a_new_scan_writes_into_it(planted_scan, tmp_path):
-    from famfind.db import write_scan
+    from famfind.frames import write_scan
 
     result, _, _ = planted_scan
     db = tmp_path / "v1.duckdb"

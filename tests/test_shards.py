@@ -18,7 +18,8 @@ pytestmark = pytest.mark.skipif(not (default_sae(1) / "cfg.json").exists(),
 
 @pytest.fixture(scope="module")
 def one_and_three():
-    from famfind.scan import ScanConfig, run_scan
+    from famfind.config import ScanConfig
+    from famfind.runner import run_scan
 
     # dfa_head reads only the first 40k positions: the cut falls inside the first shard
     opts = {"dfa_head": {"max_tokens": 40_000}}

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from famfind.model import HFGPT2Model, TLModel
+from famfind.models.gpt2 import HFGPT2Model
+from famfind.models.transformer_lens import TLModel
 
 tl = pytest.importorskip("transformer_lens", reason="TransformerLens (< 4) comes with the [test] extra via SAELens")
 transformers = pytest.importorskip("transformers", reason="transformers is in the [test] extra")

@@ -18,14 +18,15 @@ from famfind.heuristics.composition import HeadComposition
 from famfind.heuristics.induction import InductionFamily
 from famfind.heuristics.polysemanticity import HeadPolysemanticity, head_verdict
 from famfind.heuristics.token_roles import PreviousTokenFamily
-from famfind.scan import ScanConfig, run_scan
+from famfind.config import ScanConfig
+from famfind.runner import run_scan
 
 L0, L1 = "blocks.0.attn.hook_z", "blocks.1.attn.hook_z"
 
 
 @pytest.fixture(scope="module")
 def two_layer(planted_paths, tmp_path_factory):
-    from famfind.db import write_scan
+    from famfind.frames import write_scan
 
     cfg = ScanConfig(sae=(str(planted_paths["sae"]), str(planted_paths["sae_l0"])),
                      corpus=str(planted_paths["corpus"]), seq_len=64)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from famfind.corpus import default_dir
-from famfind.model import HFGPT2Model
+from famfind.models.gpt2 import HFGPT2Model
 from famfind.roles import head_scores
 from famfind.sae import load_sae
 

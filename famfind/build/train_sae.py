@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from famfind.model import HFGPT2Model
+from famfind.models.gpt2 import HFGPT2Model
 from famfind.sae import SAE
 
 

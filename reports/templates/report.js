@@ -47,7 +47,7 @@
 
   // cluster sizes
   const cs = $("cluster-sizes");
-  if (D.clusters.length) {
+  if (D.clusters && D.clusters.length) {  // the clusters detector's part; absent when it did not run
     const mx = Math.max(...D.clusters.map((c) => c.size));
     const cl = Object.fromEntries(D.labels.filter((l) => l.kind === "cluster" && l.label).map((l) => [l.target, l.label]));
     cs.innerHTML = D.clusters.map((c) => `<div class="bar"><span>cluster ${c.cluster} (${esc(c.top_head)})${cl[c.cluster] ? ": " + esc(cl[c.cluster]) : ""}</span>` +

@@ -1,0 +1,3 @@
+from famfind.cli import run
+
+run()

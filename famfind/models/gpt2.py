@@ -1,0 +1,289 @@
+"""famfind's own GPT-2 forward (the fast path): a local Hugging Face GPT-2-architecture
+checkpoint (``config.json`` + ``model.safetensors`` + ``tokenizer.json``, the embedded
+default's format), reimplemented in ~60 lines so famfind can stop at the SAE's layer, read
+``blocks.{L}.attn.hook_z`` and ``hook_pattern``, and mean-ablate heads, without autograd.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from famfind.errors import FamfindError
+from famfind.models.base import Ablation, ModelConfig, ResidParts, ablate_heads
+from famfind.validation import GPT2Config, validated
+
+
+class HFTokenizer:
+    """``tokenizers`` tokenizer from ``tokenizer.json`` (no transformers import needed)."""
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer as _T
+
+        try:
+            self._tok = _T.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+            raise FamfindError(path, f"not a valid tokenizers file ({str(e).splitlines()[0][:120]})") from None
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids))
+
+    def token_str(self, i: int) -> str:
+        return self._tok.decode([int(i)])
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of vocabulary entry ``token`` (e.g. ``<|endoftext|>``), ``None`` if absent."""
+        return self._tok.token_to_id(token)
+
+
+
+def _gelu_new(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+_ACTS = {"gelu_new": _gelu_new, "gelu": F.gelu, "relu": F.relu,
+         "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def _check_gpt2_weights(sd: dict[str, torch.Tensor], c: ModelConfig, d_mlp: int, wfile: Path) -> None:
+    """Every tensor the runner reads is in ``sd`` (keys without ``transformer.``) with the
+    shape ``config.json`` implies, floating point and finite; raises ``FamfindError`` naming
+    ``wfile``, the tensor and the problem."""
+    d = c.d_model
+    want = {"wte.weight": (c.d_vocab, d), "wpe.weight": (c.n_ctx, d), "ln_f.weight": (d,), "ln_f.bias": (d,)}
+    for i in range(c.n_layers):
+        for name, shape in (("ln_1.weight", (d,)), ("ln_1.bias", (d,)), ("ln_2.weight", (d,)), ("ln_2.bias", (d,)),
+                            ("attn.c_attn.weight", (d, 3 * d)), ("attn.c_attn.bias", (3 * d,)),
+                            ("attn.c_proj.weight", (d, d)), ("attn.c_proj.bias", (d,)),
+                            ("mlp.c_fc.weight", (d, d_mlp)), ("mlp.c_fc.bias", (d_mlp,)),
+                            ("mlp.c_proj.weight", (d_mlp, d)), ("mlp.c_proj.bias", (d,))):
+            want[f"h.{i}.{name}"] = shape
+    if "lm_head.weight" in sd:
+        want["lm_head.weight"] = (c.d_vocab, d)
+    for name, shape in want.items():
+        t = sd.get(name)
+        if t is None:
+            raise FamfindError(wfile, f"missing tensor {name!r} (config.json says n_layer={c.n_layers})")
+        if tuple(t.shape) != shape:
+            raise FamfindError(wfile, f"tensor {name!r} has shape {list(t.shape)} but config.json implies "
+                               f"{list(shape)} (n_embd={d}, vocab_size={c.d_vocab}, n_positions={c.n_ctx})")
+        if not t.is_floating_point():
+            raise FamfindError(wfile, f"tensor {name!r} has dtype {t.dtype}, expected floating point")
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise FamfindError(wfile, f"tensor {name!r} has {bad} non-finite values (NaN or Inf)")
+
+
+class HFGPT2Model:
+    """A local HF GPT-2-architecture checkpoint, run layer by layer (see module doc).
+
+    Raises ``FamfindError`` naming the file for a missing ``config.json``/weights, a
+    non-GPT-2 ``model_type``, or a missing tensor.
+    """
+
+    def __init__(self, path: str | Path, device: str = "cpu"):
+        from safetensors.torch import load_file
+
+        p = Path(path)
+        cpath = p / "config.json"
+        if not cpath.exists():
+            raise FamfindError(p, "no config.json: not a Hugging Face checkpoint directory")
+        try:
+            raw = json.loads(cpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise FamfindError(cpath, f"not valid JSON ({e})") from None
+        if isinstance(raw, dict) and raw.get("model_type") != "gpt2":
+            raise FamfindError(cpath, f"model_type {raw.get('model_type')!r} is not GPT-2, which famfind's "
+                               "own runner needs; use --model-backend auto or bridge (TransformerBridge)")
+        cfg = validated(GPT2Config, raw, cpath)
+        wfile = p / "model.safetensors"
+        if not wfile.exists():
+            raise FamfindError(wfile, "file not found")
+        try:
+            loaded = load_file(str(wfile))
+        except Exception as e:  # safetensors raises its own error types for a corrupt file
+            raise FamfindError(wfile, f"not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
+        sd = {k.removeprefix("transformer."): v for k, v in loaded.items()}
+        d_model, n_heads = cfg.n_embd, cfg.n_head
+        self.cfg = ModelConfig(name=str(p), n_layers=cfg.n_layer, n_heads=n_heads,
+                               d_head=d_model // n_heads, d_model=d_model, d_vocab=cfg.vocab_size,
+                               n_ctx=cfg.n_positions)
+        _check_gpt2_weights(sd, self.cfg, raw.get("n_inner") or 4 * d_model, wfile)
+        self.sd = {k: v.to(device=device, dtype=torch.float32) for k, v in sd.items()}
+        self.eps = cfg.layer_norm_epsilon
+        self.act = _ACTS[cfg.activation_function]
+        tpath = p / "tokenizer.json"
+        self.tokenizer = HFTokenizer(tpath) if tpath.exists() else None
+        self.path = p
+
+    # --- weights, TransformerLens shapes -------------------------------------------------
+    def _qkv(self, layer: int, i: int) -> torch.Tensor:
+        d, H, dh = self.cfg.d_model, self.cfg.n_heads, self.cfg.d_head
+        W = self.sd[f"h.{layer}.attn.c_attn.weight"][:, i * d:(i + 1) * d]  # [d_model, n_heads*d_head]
+        return W.reshape(d, H, dh).permute(1, 0, 2)
+
+    def W_Q(self, layer: int) -> torch.Tensor:
+        return self._qkv(layer, 0)
+
+    def W_K(self, layer: int) -> torch.Tensor:
+        return self._qkv(layer, 1)
+
+    def W_V(self, layer: int) -> torch.Tensor:
+        return self._qkv(layer, 2)
+
+    def W_O(self, layer: int) -> torch.Tensor:
+        W = self.sd[f"h.{layer}.attn.c_proj.weight"]  # [n_heads*d_head, d_model]
+        return W.reshape(self.cfg.n_heads, self.cfg.d_head, self.cfg.d_model)
+
+    def W_U(self) -> torch.Tensor:
+        return self.sd.get("lm_head.weight", self.sd["wte.weight"]).T
+
+    def circuit_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        g = self.sd[f"h.{layer}.ln_1.weight"][None, :, None]  # [1, d_model, 1]
+        W_O = self.W_O(layer)
+        read = [g * W for W in (self.W_Q(layer), self.W_K(layer), self.W_V(layer))]
+        read = [W - W.mean(1, keepdim=True) for W in read]  # LayerNorm centres its input: fold that too
+        return (*read, W_O - W_O.mean(-1, keepdim=True))
+
+    # --- forward -------------------------------------------------------------------------
+    def _ln(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), self.sd[f"{name}.weight"], self.sd[f"{name}.bias"], self.eps)
+
+    def _attn(self, x: torch.Tensor, layer: int, want_pattern: bool):
+        B, T, _ = x.shape
+        H, dh = self.cfg.n_heads, self.cfg.d_head
+        qkv = self._ln(x, f"h.{layer}.ln_1") @ self.sd[f"h.{layer}.attn.c_attn.weight"] \
+            + self.sd[f"h.{layer}.attn.c_attn.bias"]
+        q, k, v = (t.view(B, T, H, dh).transpose(1, 2) for t in qkv.split(self.cfg.d_model, dim=-1))
+        if want_pattern:
+            scores = q @ k.transpose(-1, -2) / math.sqrt(dh)
+            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            pattern = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+            z = pattern @ v
+        else:
+            pattern = None
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return z.transpose(1, 2), pattern  # z: [batch, pos, n_heads, d_head]
+
+    def _attn_out(self, z: torch.Tensor, layer: int) -> torch.Tensor:
+        return z.flatten(-2) @ self.sd[f"h.{layer}.attn.c_proj.weight"] + self.sd[f"h.{layer}.attn.c_proj.bias"]
+
+    def _mlp(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        h = self._ln(x, f"h.{layer}.ln_2") @ self.sd[f"h.{layer}.mlp.c_fc.weight"] + self.sd[f"h.{layer}.mlp.c_fc.bias"]
+        return self.act(h) @ self.sd[f"h.{layer}.mlp.c_proj.weight"] + self.sd[f"h.{layer}.mlp.c_proj.bias"]
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        T = tokens.shape[1]
+        if T > self.cfg.n_ctx:
+            raise FamfindError(self.path, f"sequence length {T} exceeds n_ctx {self.cfg.n_ctx}")
+        return self.sd["wte.weight"][tokens] + self.sd["wpe.weight"][:T]
+
+    @torch.no_grad()
+    def run_hook_z(self, tokens: torch.Tensor, layer: int, ablate: Ablation | None = None) -> torch.Tensor:
+        x = self._embed(tokens)
+        for lyr in range(layer + 1):
+            z, _ = self._attn(x, lyr, False)
+            z = ablate_heads(z, lyr, ablate)
+            if lyr == layer:
+                return z
+            x = x + self._attn_out(z, lyr)
+            x = x + self._mlp(x, lyr)
+        raise FamfindError(self.path, f"layer {layer} out of range (n_layers={self.cfg.n_layers})")
+
+    @torch.no_grad()
+    def run_hook_zs(self, tokens: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+        last = max(layers)
+        if last >= self.cfg.n_layers:
+            raise FamfindError(self.path, f"layer {last} out of range (n_layers={self.cfg.n_layers})")
+        x, out = self._embed(tokens), {}
+        for lyr in range(last + 1):
+            z, _ = self._attn(x, lyr, False)
+            if lyr in layers:
+                out[lyr] = z
+            if lyr == last:
+                return out
+            x = x + self._attn_out(z, lyr)
+            x = x + self._mlp(x, lyr)
+        return out
+
+    @torch.no_grad()
+    def resid_parts(self, tokens: torch.Tensor, layer: int) -> ResidParts:
+        if not 0 <= layer < self.cfg.n_layers:
+            raise FamfindError(self.path, f"layer {layer} out of range (n_layers={self.cfg.n_layers})")
+        T = tokens.shape[1]
+        embed, pos = self.sd["wte.weight"][tokens], self.sd["wpe.weight"][:T].expand(tokens.shape[0], -1, -1)
+        x = self._embed(tokens)
+        zs, W_O, b_O, mlp = {}, {}, {}, {}
+        for lyr in range(layer):
+            z, _ = self._attn(x, lyr, False)
+            zs[lyr], W_O[lyr], b_O[lyr] = z, self.W_O(lyr), self.sd[f"h.{lyr}.attn.c_proj.bias"]
+            x = x + self._attn_out(z, lyr)
+            mlp[lyr] = self._mlp(x, lyr)
+            x = x + mlp[lyr]
+        xc = x - x.mean(-1, keepdim=True)
+        scale = (xc.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+        pattern, _ = self.attn_parts(tokens, layer)
+        d, H, dh = self.cfg.d_model, self.cfg.n_heads, self.cfg.d_head
+        b_V = self.sd[f"h.{layer}.attn.c_attn.bias"][2 * d:].view(H, dh)
+        return ResidParts(embed, pos, zs, W_O, b_O, mlp, scale, self.sd[f"h.{layer}.ln_1.weight"],
+                          self.sd[f"h.{layer}.ln_1.bias"], self.W_V(layer), b_V, pattern)
+
+    @torch.no_grad()
+    def patterns(self, tokens: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+        x, out = self._embed(tokens), {}
+        for lyr in range(max(layers) + 1):
+            z, pat = self._attn(x, lyr, True)
+            if lyr in layers:
+                out[lyr] = pat
+            x = x + self._attn_out(z, lyr)
+            x = x + self._mlp(x, lyr)
+        return out
+
+    def _resid_pre(self, tokens: torch.Tensor, layer: int) -> torch.Tensor:
+        if not 0 <= layer < self.cfg.n_layers:
+            raise FamfindError(self.path, f"layer {layer} out of range (n_layers={self.cfg.n_layers})")
+        x = self._embed(tokens)
+        for lyr in range(layer):
+            z, _ = self._attn(x, lyr, False)
+            x = x + self._attn_out(z, lyr)
+            x = x + self._mlp(x, lyr)
+        return x
+
+    @torch.no_grad()
+    def attn_parts(self, tokens: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T = tokens.shape
+        H, dh = self.cfg.n_heads, self.cfg.d_head
+        x = self._resid_pre(tokens, layer)
+        qkv = self._ln(x, f"h.{layer}.ln_1") @ self.sd[f"h.{layer}.attn.c_attn.weight"] \
+            + self.sd[f"h.{layer}.attn.c_attn.bias"]
+        q, k, v = (t.view(B, T, H, dh) for t in qkv.split(self.cfg.d_model, dim=-1))
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(dh)
+        mask = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
+        return scores.masked_fill(~mask, float("-inf")).softmax(-1), v
+
+    @torch.no_grad()
+    def normalized_resid(self, tokens: torch.Tensor, layer: int) -> torch.Tensor:
+        return self._ln(self._resid_pre(tokens, layer), f"h.{layer}.ln_1")
+
+    @torch.no_grad()
+    def logits(self, tokens: torch.Tensor, hook_z_fn=None, layer: int | None = None) -> torch.Tensor:
+        """Full forward, ``[batch, pos, d_vocab]``; ``hook_z_fn(z)`` may replace hook_z at ``layer``."""
+        x = self._embed(tokens)
+        for lyr in range(self.cfg.n_layers):
+            z, _ = self._attn(x, lyr, False)
+            if hook_z_fn is not None and lyr == layer:
+                z = hook_z_fn(z)
+            x = x + self._attn_out(z, lyr)
+            x = x + self._mlp(x, lyr)
+        return self._ln(x, "ln_f") @ self.W_U()
+
