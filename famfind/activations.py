@@ -34,13 +34,18 @@ class ActivationBatch:
     """One batch of the pass.
 
     ``seq_idx [batch]`` (rows of the corpus), ``tokens [batch, pos]``,
-    ``z [batch, pos, n_heads, d_head]`` (hook_z), ``acts [batch, pos, d_sae]`` (SAE features).
+    ``z [batch, pos, n_heads, d_head]`` (hook_z), ``acts [batch, pos, d_sae]`` (SAE features);
+    for an SAE with an observing detector that ``reads_attention``, the layer's
+    ``pattern [batch, n_heads, query_pos, key_pos]`` (hook_pattern) and ``v [batch, pos,
+    n_heads, d_head]`` (hook_v) from the same forward (else ``None``).
     """
 
     seq_idx: torch.Tensor
     tokens: torch.Tensor
     z: torch.Tensor
     acts: torch.Tensor
+    pattern: torch.Tensor | None = None
+    v: torch.Tensor | None = None
 
     @cached_property
     def firing(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -388,7 +393,8 @@ class PassState:
 def activation_pass(model, sae: SAE | list[SAE], tokens: torch.Tensor, state: PassState | list[PassState],
                     batch_size: int = 32, observers: list = (),
                     progress: Callable[[int], None] | None = None, device: str = "cpu",
-                    rows: tuple[int, int] | None = None, autocast: str = "none") -> PassState | list[PassState]:
+                    rows: tuple[int, int] | None = None, autocast: str = "none",
+                    attention: list[bool] | None = None) -> PassState | list[PassState]:
     """Stream corpus ``rows`` ``[lo, hi)`` (all by default) of ``tokens [n_seq, seq_len]``
     through ``model`` in batches of ``batch_size`` sequences. One forward per batch runs to
     the deepest SAE's layer and captures every SAE's hook (:meth:`run_hook_zs`); each SAE's
@@ -397,23 +403,30 @@ def activation_pass(model, sae: SAE | list[SAE], tokens: torch.Tensor, state: Pa
     list of callbacks per SAE). ``progress(n_seqs_done)`` per batch. ``autocast`` (``"none"``,
     ``"bf16"``, ``"fp16"``): the model forward runs under :func:`torch.autocast` in that dtype;
     hook_z is cast back to fp32 before the SAE encode, so accumulators and observers see fp32.
-    Returns ``state``."""
+    ``attention``: per SAE, whether its batches carry the layer's attention pattern and values
+    (:meth:`famfind.models.base.AttnModel.run_attention`, the same forward). Returns ``state``."""
     many = isinstance(sae, (list, tuple))
     saes, states = (list(sae), list(state)) if many else ([sae], [state])
     obs = [list(o) for o in observers] if many else [list(observers)]
     obs += [[] for _ in range(len(saes) - len(obs))]
     layers = sorted({s.layer for s in saes})
+    att_layers = sorted({s.layer for s, a in zip(saes, attention or [False] * len(saes)) if a})
     lo, hi = rows or (0, tokens.shape[0])
     for start in range(lo, hi, batch_size):
         toks = tokens[start:min(start + batch_size, hi)].to(device)
+        att = {}
         with torch.no_grad(), autocast_context(device, autocast):
-            zs = model.run_hook_zs(toks, layers) if len(layers) > 1 else {layers[0]: model.run_hook_z(toks, layers[0])}
+            if att_layers:
+                zs, att = model.run_attention(toks, layers, att_layers)
+            else:
+                zs = model.run_hook_zs(toks, layers) if len(layers) > 1 else {layers[0]: model.run_hook_z(toks, layers[0])}
         zs = {k: v.float() for k, v in zs.items()}
+        att = {k: (p.float(), v.float()) for k, (p, v) in att.items()}
         seq_idx = torch.arange(start, start + toks.shape[0])
         for s, st, ob in zip(saes, states, obs):
             z = zs[s.layer]
             with torch.no_grad():
-                batch = ActivationBatch(seq_idx, toks, z, s.encode(z.flatten(-2)))
+                batch = ActivationBatch(seq_idx, toks, z, s.encode(z.flatten(-2)), *att.get(s.layer, (None, None)))
             st.update(batch)
             for o in ob:
                 o(batch)

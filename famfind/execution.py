@@ -226,7 +226,8 @@ def run_shard(units: list[UnitRunner], observing: list[list[str]], config: ScanC
     activation_pass(units[0].ctx.model, [u.ctx.sae for u in units], units[0].ctx.corpus.tokens, states,
                     config.batch_size, [[observer(u, h, inst) for h, inst in mine.items()]
                                         for u, mine in zip(units, insts)],
-                    progress, config.device, (lo, hi), config.autocast)
+                    progress, config.device, (lo, hi), config.autocast,
+                    [any(inst.reads_attention for inst in mine.values()) for mine in insts])
     return states, insts
 
 

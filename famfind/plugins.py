@@ -16,6 +16,8 @@ loading live in :mod:`famfind.registry`.
   ``ctx.stats``; it may also implement ``start(ctx)`` + ``observe(batch, ctx)`` to see every
   batch of the pass and then ``merge(other)`` to fold in another instance that observed
   another shard of the corpus (the pass may be split, see :mod:`famfind.activations`).
+  With ``reads_attention = True`` each batch also carries the SAE layer's attention pattern
+  and values (``batch.pattern``, ``batch.v``), computed in the same forward.
 
 ``scope``: ``"sae"`` (the default) runs the detector once per SAE of the scan, with
 ``ctx.sae`` that SAE (``ctx.sae_id`` its name, ``ctx.layer`` its layer) and its outputs and
@@ -267,6 +269,7 @@ class Heuristic(abc.ABC):
     version: ClassVar[str] = "0.1"
     needs: ClassVar[Needs] = "weights"
     scope: ClassVar[Literal["sae", "model"]] = "sae"
+    reads_attention: ClassVar[bool] = False  # observe() gets batch.pattern / batch.v of the SAE's layer
     produces: ClassVar[type[Output] | None] = None
     requires: ClassVar[tuple[type[Output], ...]] = ()
     tables: ClassVar[tuple[Table, ...]] = ()

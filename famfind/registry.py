@@ -41,6 +41,9 @@ def validate_class(cls: type, origin: str) -> None:
         raise FamfindError(origin, f"needs={cls.needs!r}; must be one of {', '.join(NEEDS)}")
     if cls.scope not in SCOPES:
         raise FamfindError(origin, f"scope={cls.scope!r}; must be one of {', '.join(SCOPES)}")
+    if not isinstance(cls.reads_attention, bool) or (cls.reads_attention and cls.needs != "activations"):
+        raise FamfindError(origin, f"detector {hid!r}: reads_attention must be a bool, and True only with "
+                           "needs='activations' (attention comes with the pass's batches)")
     if cls.scope == "model" and cls.needs == "activations":
         raise FamfindError(origin, f"detector {hid!r}: scope='model' cannot observe the activation pass "
                            "(per-SAE statistics belong to scope='sae' detectors)")

@@ -5,12 +5,17 @@
   position where it fires in the first ``max_tokens`` corpus positions (streamed during the
   activation pass);
   table ``dfa_head`` (feature, layer, head, share).
+- ``source_samples``: observes the pass with the SAE layer's attention and keeps, per feature,
+  DFA by source on three samples of its firing positions (:mod:`famfind.sources`): its top
+  examples, a uniform sample of the even corpus sequences and a held-out sample of the odd ones
+  (what the mechanism records are formed from and tested on). No table; typed output
+  :class:`SourceSamples`.
 - ``dfa_source``: for each live feature's top-activating examples, the source positions
-  (summed over heads) that carry its pre-activation; table ``dfa_source`` (top
-  ``n_sources`` sources per example: distance = dest - src, token, contribution, share of
-  the heads' part of the pre-activation) and per-feature consistency (``data``): how often
-  the top source is the same token / the same offset across examples, and how often it is
-the firing position itself (``self_fraction``).
+  (summed over heads) that carry its pre-activation, read from ``source_samples``' top slots;
+  table ``dfa_source`` (top ``n_sources`` sources per example: distance = dest - src, token,
+  contribution, share of the heads' part of the pre-activation) and per-feature consistency
+  (``data``): how often the top source is the same token / the same offset across examples,
+  and how often it is the firing position itself (``self_fraction``).
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ import numpy as np
 import polars as pl
 import torch
 
-from famfind.dfa import HeadDFAAccumulator, dfa_by_source
+from famfind.dfa import HeadDFAAccumulator
+from famfind.errors import FamfindError
 from famfind.families import mode_per_feature
 from famfind.plugins import Column, Heuristic, Options, Output, Result, Table
+from famfind.sources import EMPTY, SourceSampler, SourceSlots
 
 
 @dataclass(frozen=True)
@@ -125,17 +132,96 @@ class DFAHead(Heuristic):
 
 
 @dataclass(frozen=True)
+class SampleSlots:
+    """One sample of every feature's firing positions (:mod:`famfind.sources`), ``[k, d_sae]``
+    each: ``seq``/``pos`` (long, -1 = empty slot), ``act``; DFA by source at each position:
+    ``src_pos [k, d_sae, n_sources]`` (long) and ``src_val`` the sources with the largest
+    contribution summed over heads (pre-activation units), ``total`` the heads' whole part of
+    the pre-activation, ``pos_total`` its positive sources' part, ``head_val [k, d_sae,
+    n_heads]`` each head's part."""
+
+    seq: torch.Tensor
+    pos: torch.Tensor
+    act: torch.Tensor
+    src_pos: torch.Tensor
+    src_val: torch.Tensor
+    total: torch.Tensor
+    pos_total: torch.Tensor
+    head_val: torch.Tensor
+
+    @classmethod
+    def of(cls, slots: SourceSlots, seq_len: int) -> "SampleSlots":
+        idx = slots.idx.cpu()
+        empty = idx == EMPTY
+        return cls(torch.where(empty, -1, idx // seq_len), torch.where(empty, -1, idx % seq_len), slots.act.cpu(),
+                   slots.src_pos.cpu(), slots.src_val.cpu(), slots.total.cpu(), slots.pos_total.cpu(),
+                   slots.head_val.cpu())
+
+
+@dataclass(frozen=True)
+class SourceSamples(Output):
+    """DFA by source on three samples of each feature's firing positions (:mod:`famfind.sources`):
+    ``top`` (its ``top_k`` highest activations, the positions of ``FeatureStats``' top
+    examples), ``uniform`` (a uniform sample of the even corpus sequences) and ``held_out``
+    (the odd sequences, at most ``per_seq`` positions per sequence, sequences in one shared
+    random order), each a :class:`SampleSlots`."""
+
+    top: SampleSlots
+    uniform: SampleSlots
+    held_out: SampleSlots
+    n_sources: int
+    per_seq: int
+
+
+@dataclass(frozen=True)
+class SourceSampleOptions(Options):
+    n_uniform: int = 16  # formation sample per feature (even sequences), beside its top_k top examples
+    n_held_out: int = 16  # test sample per feature (odd sequences)
+    per_seq: int = 4  # at most this many held-out positions of one feature from one sequence
+    n_sources: int = 3  # sources kept per position
+
+
+class SourceSampling(Heuristic):
+    id = "source_samples"
+    version = "0.1"
+    needs = "activations"
+    reads_attention = True
+    produces = SourceSamples
+    description = "DFA by source on each feature's top examples and two samples (even / odd sequences), in the pass"
+    Options = SourceSampleOptions
+
+    def start(self, ctx) -> None:
+        o = self.options
+        sae = ctx.sae
+        self.T = ctx.corpus.tokens.shape[1]
+        self.sampler = SourceSampler(sae.d_sae, ctx.model.cfg.n_heads, self.T, ctx.config.top_k, o.n_uniform,
+                                     o.n_held_out, o.per_seq, o.n_sources, ctx.config.seed, ctx.config.device)
+        self.b_dec = sae.b_dec if sae.apply_b_dec_to_input else None
+
+    def observe(self, batch, ctx) -> None:
+        self.sampler.update(batch, ctx.sae.W_enc, self.b_dec)
+
+    def merge(self, other: "SourceSampling") -> None:
+        self.sampler.merge(other.sampler)
+
+    def run(self, ctx) -> Result:
+        p = self.sampler.parts()
+        return Result(output=SourceSamples(*(SampleSlots.of(p[n], self.T) for n in ("top", "uniform", "held_out")),
+                                           self.options.n_sources, self.options.per_seq))
+
+
+@dataclass(frozen=True)
 class DFASourceOptions(Options):
     n_examples: int = 5  # top-activating examples per live feature
-    n_sources: int = 3  # sources stored per example
-    batch_size: int = 32  # sequences per model run
+    n_sources: int = 3  # sources stored per example (at most source_samples.n_sources)
 
 
 class DFASource(Heuristic):
     id = "dfa_source"
-    version = "0.1"
+    version = "0.2"
     needs = "activations"
     produces = DFASourceStats
+    requires = (SourceSamples,)
     tables = (Table("dfa_source", (
         Column("feature", "INTEGER", "SAE feature index"),
         Column("example_rank", "INTEGER", "rank of the top example"),
@@ -150,34 +236,22 @@ class DFASource(Heuristic):
     Options = DFASourceOptions
 
     def run(self, ctx) -> Result:
-        o, st, sae = self.options, ctx.stats, ctx.sae
-        F = sae.d_sae
-        k = min(o.n_examples, st.top_seq.shape[0])
-        seq, pos = st.top_seq[:k], st.top_pos[:k]  # [k, d_sae]
+        o = self.options
+        samples = ctx.output(SourceSamples)
+        if o.n_sources > samples.n_sources:
+            raise FamfindError("detector 'dfa_source'", f"n_sources={o.n_sources} but source_samples keeps "
+                               f"{samples.n_sources}: set source_samples.n_sources too")
+        top, F = samples.top, samples.top.seq.shape[1]
+        k = min(o.n_examples, top.seq.shape[0])
+        seq = top.seq[:k]  # [k, d_sae]
         rank, feat = torch.nonzero(seq >= 0, as_tuple=True)
-        ex_seq, ex_pos = seq[rank, feat], pos[rank, feat]
-        order = torch.argsort(ex_seq, stable=True)
-        rank, feat, ex_seq, ex_pos = rank[order], feat[order], ex_seq[order], ex_pos[order]
-        b_dec = sae.b_dec if sae.apply_b_dec_to_input else None
-        uniq, counts = torch.unique_consecutive(ex_seq, return_counts=True)
-        bounds = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
-        n, ns = ex_seq.numel(), o.n_sources
-        top_src = torch.zeros(n, ns, dtype=torch.long)
-        top_val = torch.zeros(n, ns)
-        total = torch.zeros(n)
+        order = torch.argsort(seq[rank, feat], stable=True)
+        rank, feat = rank[order], feat[order]
+        ex_seq, ex_pos = seq[rank, feat], top.pos[rank, feat]
+        ns = o.n_sources
+        n = ex_seq.numel()
+        top_src, top_val, total = top.src_pos[rank, feat, :ns], top.src_val[rank, feat, :ns], top.total[rank, feat]
         tokens = ctx.corpus.tokens
-        dev = ctx.config.device
-        for b in range(0, uniq.numel(), o.batch_size):
-            ids = uniq[b:b + o.batch_size]
-            pat, v = ctx.model.attn_parts(tokens[ids].to(dev), ctx.layer)
-            for j in range(ids.numel()):
-                lo, hi = int(bounds[b + j]), int(bounds[b + j + 1])
-                c = dfa_by_source(pat[j], v[j], sae.W_enc, b_dec, feat[lo:hi].to(dev), ex_pos[lo:hi].to(dev))
-                s = c.sum(1).cpu()  # [n, src]
-                total[lo:hi] = s.sum(-1)
-                kk = min(ns, s.shape[1])
-                tv, ti = s.topk(kk, dim=-1)
-                top_val[lo:hi, :kk], top_src[lo:hi, :kk] = tv, ti
         src_tok = tokens[ex_seq[:, None], top_src]  # [n, n_sources]
         offset = ex_pos[:, None] - top_src
         share = top_val / total.clamp_min(1e-9)[:, None]
@@ -206,7 +280,7 @@ class DFASource(Heuristic):
         tok_cons = n_tok.float() / n_ex.clamp_min(1)
         off_cons = n_off.float() / n_ex.clamp_min(1)
         return Result(output=DFASourceStats(n_ex, share_mean, tok_cons, off_cons, mode_tok, mode_off, self_frac,
-                                            n, int(uniq.numel()), feat, ex_seq, ex_pos, top_src, share),
+                                            n, int(ex_seq.unique().numel()), feat, ex_seq, ex_pos, top_src, share),
                       tables={"dfa_source": df})
 
     @classmethod

@@ -90,6 +90,14 @@ class AttnModel(Protocol):
         deepest: ``{layer: [batch, pos, n_heads, d_head]}``."""
         ...
 
+    def run_attention(self, tokens: torch.Tensor, layers: list[int],
+                      attention) -> tuple[dict[int, torch.Tensor], dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+        """:meth:`run_hook_zs` of ``layers`` and, from the same forward, ``{layer: (hook_pattern
+        [batch, n_heads, query_pos, key_pos], hook_v [batch, pos, n_heads, d_head])}`` of each
+        layer in ``attention`` (per query head under grouped-query attention). hook_z is the
+        same as :meth:`run_hook_zs` gives."""
+        ...
+
     def resid_parts(self, tokens: torch.Tensor, layer: int) -> ResidParts:
         """The residual stream entering ``layer`` split into its parts, with what ``layer``'s
         attention does with it (:class:`ResidParts`), for recursive DFA."""

@@ -83,11 +83,6 @@ class BridgeModel(TLModel):
     def W_V(self, layer: int) -> torch.Tensor:
         return self._per_query_head(self.tl.W_V[layer], 0)
 
-    @torch.no_grad()
-    def attn_parts(self, tokens: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        pattern, v = super().attn_parts(tokens, layer)
-        return pattern, self._per_query_head(v, 2)
-
     def resid_parts(self, tokens: torch.Tensor, layer: int) -> ResidParts:
         if self.arch != "gpt2":
             raise FamfindError(self.path, f"recursive DFA needs GPT-2's LayerNorm and learned positions; "

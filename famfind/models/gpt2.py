@@ -159,20 +159,23 @@ class HFGPT2Model:
     def _ln(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return F.layer_norm(x, (x.shape[-1],), self.sd[f"{name}.weight"], self.sd[f"{name}.bias"], self.eps)
 
-    def _attn(self, x: torch.Tensor, layer: int, want_pattern: bool):
+    def _attn(self, x: torch.Tensor, layer: int, want_pattern: bool, want_v: bool = False):
+        """``(z [batch, pos, n_heads, d_head], pattern or None)``; ``want_v``: also ``v [batch, pos,
+        n_heads, d_head]`` and the pattern, with z still from SDPA (the pass's hook_z is the same
+        whether a detector reads attention or not)."""
         B, T, _ = x.shape
         H, dh = self.cfg.n_heads, self.cfg.d_head
         qkv = self._ln(x, f"h.{layer}.ln_1") @ self.sd[f"h.{layer}.attn.c_attn.weight"] \
             + self.sd[f"h.{layer}.attn.c_attn.bias"]
         q, k, v = (t.view(B, T, H, dh).transpose(1, 2) for t in qkv.split(self.cfg.d_model, dim=-1))
-        if want_pattern:
+        pattern = None
+        if want_pattern or want_v:
             scores = q @ k.transpose(-1, -2) / math.sqrt(dh)
             mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             pattern = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-            z = pattern @ v
-        else:
-            pattern = None
-            z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        z = pattern @ v if want_pattern and not want_v else F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if want_v:
+            return z.transpose(1, 2), pattern, v.transpose(1, 2)
         return z.transpose(1, 2), pattern  # z: [batch, pos, n_heads, d_head]
 
     def _attn_out(self, z: torch.Tensor, layer: int) -> torch.Tensor:
@@ -202,19 +205,27 @@ class HFGPT2Model:
 
     @torch.no_grad()
     def run_hook_zs(self, tokens: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+        return self.run_attention(tokens, layers, ())[0]
+
+    @torch.no_grad()
+    def run_attention(self, tokens: torch.Tensor, layers: list[int], attention) -> tuple[dict, dict]:
         last = max(layers)
         if last >= self.cfg.n_layers:
             raise FamfindError(self.path, f"layer {last} out of range (n_layers={self.cfg.n_layers})")
-        x, out = self._embed(tokens), {}
+        x, out, att = self._embed(tokens), {}, {}
         for lyr in range(last + 1):
-            z, _ = self._attn(x, lyr, False)
+            if lyr in attention:
+                z, pattern, v = self._attn(x, lyr, False, want_v=True)
+                att[lyr] = (pattern, v)
+            else:
+                z, _ = self._attn(x, lyr, False)
             if lyr in layers:
                 out[lyr] = z
             if lyr == last:
-                return out
+                return out, att
             x = x + self._attn_out(z, lyr)
             x = x + self._mlp(x, lyr)
-        return out
+        return out, att
 
     @torch.no_grad()
     def resid_parts(self, tokens: torch.Tensor, layer: int) -> ResidParts:

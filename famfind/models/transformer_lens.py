@@ -77,9 +77,22 @@ class TLModel:
 
     @torch.no_grad()
     def run_hook_zs(self, tokens: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
-        names = {f"blocks.{lyr}.attn.hook_z": lyr for lyr in layers}
-        _, cache = self.tl.run_with_cache(tokens, names_filter=lambda n: n in names, stop_at_layer=max(layers) + 1)
-        return {lyr: cache[n] for n, lyr in names.items()}
+        return self.run_attention(tokens, layers, ())[0]
+
+    @torch.no_grad()
+    def run_attention(self, tokens: torch.Tensor, layers: list[int], attention) -> tuple[dict, dict]:
+        names = {f"blocks.{lyr}.attn.hook_z" for lyr in layers}
+        names |= {f"blocks.{lyr}.attn.hook_{h}" for lyr in attention for h in ("pattern", "v")}
+        _, cache = self.tl.run_with_cache(tokens, names_filter=lambda n: n in names,
+                                          stop_at_layer=max((*layers, *attention)) + 1)
+        return ({lyr: cache[f"blocks.{lyr}.attn.hook_z"] for lyr in layers},
+                {lyr: (cache[f"blocks.{lyr}.attn.hook_pattern"],
+                       self._per_query_head(cache[f"blocks.{lyr}.attn.hook_v"], 2)) for lyr in attention})
+
+    def _per_query_head(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """``x`` with its key/value-head axis ``dim`` repeated to the query heads (identity
+        without grouped-query attention; :class:`famfind.models.bridge.BridgeModel` repeats)."""
+        return x
 
     @torch.no_grad()
     def resid_parts(self, tokens: torch.Tensor, layer: int) -> ResidParts:
@@ -111,7 +124,7 @@ class TLModel:
     def attn_parts(self, tokens: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         names = (f"blocks.{layer}.attn.hook_pattern", f"blocks.{layer}.attn.hook_v")
         _, cache = self.tl.run_with_cache(tokens, names_filter=lambda n: n in names, stop_at_layer=layer + 1)
-        return cache[names[0]], cache[names[1]]
+        return cache[names[0]], self._per_query_head(cache[names[1]], 2)
 
     @torch.no_grad()
     def normalized_resid(self, tokens: torch.Tensor, layer: int) -> torch.Tensor:
