@@ -30,7 +30,7 @@ from famfind.schema import Table, View
 from famfind.version import __version__
 
 DEFAULT_DB = "famfind.duckdb"
-SCHEMA_VERSION = 3  # of the tables famfind writes; see MIGRATIONS
+SCHEMA_VERSION = 4  # of the tables famfind writes; see MIGRATIONS
 
 SCHEMA_VERSION_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (version INTEGER, applied_at TIMESTAMP,
   famfind_version VARCHAR)"""
@@ -88,7 +88,17 @@ def _v3(con) -> None:
                    architecture, d_in, d_sae, l0, dead_fraction, n_tokens FROM scans""")
 
 
-MIGRATIONS = {2: _v2, 3: _v3}  # version -> the step that brings a database from version - 1 to it
+def _v4(con) -> None:
+    """3 -> 4: mechanism families. ``families.test`` and ``validation.test`` say what a family
+    tested: older rows are the context families' ``proxy`` tests and every other family's
+    ``behaviour`` test."""
+    for table in ("families", "validation"):
+        con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS test VARCHAR")
+        con.execute(f"UPDATE {table} SET test = CASE WHEN family IN ('local_context', 'high_level_context') "
+                    "THEN 'proxy' ELSE 'behaviour' END WHERE test IS NULL")
+
+
+MIGRATIONS = {2: _v2, 3: _v3, 4: _v4}  # version -> the step that brings a database from version - 1 to it
 
 def table_exists(con, name: str) -> bool:
     """Does the open DuckDB connection hold a table or view called ``name``?"""

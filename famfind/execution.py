@@ -26,7 +26,7 @@ import torch
 from famfind.activations import PassState, activation_pass
 from famfind.config import ScanConfig
 from famfind.errors import FamfindError
-from famfind.plugins import Detection, FamilyMember, HeadScore, Heuristic, Result, ScanContext, Validation
+from famfind.plugins import TESTS, Detection, FamilyMember, HeadScore, Heuristic, Result, ScanContext, Validation
 from famfind.registry import Registry
 
 
@@ -64,6 +64,10 @@ def check_result(det: Heuristic, out: Any) -> Result:
             _check_row(x, f"Result.{name}[{i}]")
     if not isinstance(out.tables, dict):
         raise TypeError(f"Result.tables is a {type(out.tables).__name__}, not a dict of table name -> DataFrame")
+    for name in ("families", "validation"):
+        bad = [x for x in getattr(out, name) if x.test is not None and x.test not in TESTS]
+        if bad:
+            raise TypeError(f"Result.{name}: test {bad[0].test!r} is not one of {', '.join(TESTS)}")
     for d in out.detections:
         try:
             json.dumps(d.evidence)

@@ -87,12 +87,14 @@ def random_control(pool: torch.Tensor, size: int, generator: torch.Generator) ->
 
 def family_result(kind: type[FamilyOutcome], family: str, groups: Groups, score: torch.Tensor,
                   passed: torch.Tensor, evidence: dict[str, torch.Tensor] | None = None,
-                  role_heads: list[str] | None = None, confidence: torch.Tensor | None = None) -> Result:
+                  role_heads: list[str] | None = None, confidence: torch.Tensor | None = None,
+                  test: str = "behaviour") -> Result:
     """Detections for the selected and control features (detection score = ``score``),
     family members (selected and passed; confidence = ``confidence``, default ``score``),
     the family's validation row, and the typed output ``kind``. ``role_heads``: the heads
     selection used (``None``: the family is not selected by head role); an empty list (no head
-    of the SAE's layer has the role) gives an empty family without a validation row.
+    of the SAE's layer has the role) gives an empty family without a validation row. ``test``:
+    what ``passed`` tested (``behaviour`` or ``proxy``; :data:`famfind.plugins.TESTS`).
 
     ``score [d_sae]`` (float, e.g. a pass rate), ``passed`` bool ``[d_sae]``, ``evidence``:
     per-feature tensors ``[d_sae]`` copied into each detection's evidence.
@@ -109,9 +111,9 @@ def family_result(kind: type[FamilyOutcome], family: str, groups: Groups, score:
             ev.update({k: (round(float(v[f]), 4) if v.is_floating_point() else int(v[f])) for k, v in evidence.items()})
             dets.append(Detection(f, float(score[f]), bool(passed[f]) and group == "selected", ev))
             if group == "selected" and passed[f]:
-                fams.append(FamilyMember(family, f, float(confidence[f])))
+                fams.append(FamilyMember(family, f, float(confidence[f]), test))
     out = kind(family, groups.selected, groups.control, score, passed, list(role_heads or []), confidence)
-    val = Validation(family, out.n_selected, out.n_passed, out.n_control, out.n_control_passed)
+    val = Validation(family, out.n_selected, out.n_passed, out.n_control, out.n_control_passed, test=test)
     return Result(output=out, detections=dets, families=fams, validation=[val])
 
 

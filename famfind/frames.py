@@ -132,8 +132,8 @@ def _result_frames(results: dict, sae: str | None, layer: int | None, add) -> No
                   for h in res.head_scores]
         dets += [{**key, "detector": hid, "feature": d.feature, "score": d.score, "passed": d.passed,
                   "evidence": json.dumps(d.evidence)} for d in res.detections]
-        fams += [{**key, "family": m.family, "feature": m.feature, "confidence": m.confidence, "detector": hid}
-                 for m in res.families]
+        fams += [{**key, "family": m.family, "feature": m.feature, "confidence": m.confidence, "detector": hid,
+                  "test": m.test} for m in res.families]
         for v in res.validation:
             row = vals.setdefault(v.family, {**key, "family": v.family})
             for k, val in vars(v).items():
@@ -143,10 +143,14 @@ def _result_frames(results: dict, sae: str | None, layer: int | None, add) -> No
             add(name, df if sae is None else df.with_columns(pl.lit(sae, dtype=pl.Utf8).alias("sae")))
     add("heads", CORE_BY_NAME["heads"].frame(heads))
     add("detections", CORE_BY_NAME["detections"].frame(dets))
-    primary: dict[int, int] = {}  # feature -> its row of highest confidence (ties: family name, then first)
+    primary: dict[int, int] = {}  # feature -> its primary row (behaviour/proxy first, then confidence, family name)
+
+    def rank(r):
+        return r["test"] == "necessity", -r["confidence"], r["family"]
+
     for i, r in enumerate(fams):
         j = primary.get(r["feature"])
-        if j is None or (-r["confidence"], r["family"]) < (-fams[j]["confidence"], fams[j]["family"]):
+        if j is None or rank(r) < rank(fams[j]):
             primary[r["feature"]] = i
     for i, r in enumerate(fams):
         r["is_primary"] = primary[r["feature"]] == i

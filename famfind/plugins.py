@@ -149,11 +149,20 @@ class HeadScore:
     score: float
 
 
+TESTS = ("behaviour", "proxy", "necessity")  # what a family tested (families.test)
+
+
 @dataclass
 class FamilyMember:
+    """A feature in ``family`` with ``confidence`` (e.g. a pass rate). ``test`` says what the
+    family tested: ``behaviour`` (its behaviour on the corpus or on planted prompts), ``proxy``
+    (a held-out proxy test) or ``necessity`` (a causal substitution); behaviour and proxy
+    families take precedence over necessity families as a feature's primary family."""
+
     family: str
     feature: int
     confidence: float
+    test: str = "behaviour"
 
 
 @dataclass
@@ -168,6 +177,7 @@ class Validation:
     control_passed: int | None = None
     ablation_tested: int | None = None
     ablation_off: int | None = None
+    test: str | None = None  # behaviour, proxy or necessity (as FamilyMember.test)
 
 
 @dataclass

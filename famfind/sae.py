@@ -112,6 +112,20 @@ class SAE:
             return pre.relu_()
         return torch.relu(pre) * (pre > self.threshold[features])
 
+    def encode_pairs(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Activation of ``features[i]`` on row ``x[i]``: ``x [n, d_in]``, ``features [n]`` ->
+        ``[n]``, equal to ``encode(x)[arange(n), features]`` (one encoder column per row for
+        ReLU and JumpReLU; TopK encodes each row in full)."""
+        if self.architecture == "topk":
+            return self.encode(x).gather(-1, features[:, None])[:, 0]
+        x = x.to(self.W_enc.dtype)
+        if self.apply_b_dec_to_input:
+            x = x - self.b_dec
+        pre = (x * self.W_enc[:, features].T).sum(-1) + self.b_enc[features]
+        if self.architecture == "standard":
+            return pre.relu_()
+        return torch.relu(pre) * (pre > self.threshold[features])
+
     def decode(self, acts: torch.Tensor) -> torch.Tensor:
         """Reconstruction, ``[..., d_sae] -> [..., d_in]``."""
         return acts @ self.W_dec + self.b_dec

@@ -209,18 +209,20 @@ evidence JSON: per-detector evidence; group = selected or control for families
     Table("families", _c(_SAE + """
 family VARCHAR: family name
 feature INTEGER: SAE feature index
-confidence DOUBLE: e.g. the behaviour test's pass rate
+confidence DOUBLE: e.g. the behaviour test's pass rate, or the necessity rate
 detector VARCHAR: detector that assigned it
-is_primary BOOLEAN: the feature's highest-confidence family (per SAE and feature)
+is_primary BOOLEAN: the feature's primary family (per SAE and feature): behaviour and proxy families before necessity families, then the highest confidence
+test VARCHAR: what the family tested: behaviour (corpus or planted prompts), proxy (held-out proxy precision) or necessity (causal token substitution)
 """), "family members"),
     Table("validation", _c(_SAE + """
 family VARCHAR: family name
-selected INTEGER: features selected by head attribution
-passed INTEGER: selected features passing the behaviour test
-control INTEGER: control features tested
+selected INTEGER: features selected (head attribution; a mechanism family: tested records of its class and head)
+passed INTEGER: selected features passing the family's test
+control INTEGER: control features tested (a mechanism family: the same features, a random other source substituted)
 control_passed INTEGER: control features passing
 ablation_tested INTEGER: family features tested by ablation
 ablation_off INTEGER: of those, turned off by mean-ablating the role heads
+test VARCHAR: what passed means: behaviour, proxy or necessity (see families.test)
 """), "one row per family and SAE, the shape of the paper's induction table"),
     Table("examples", _c(_EXAMPLE), "top-activating examples per live feature"),
     Table("activation_samples", _c(_EXAMPLE), "uniform random sample of 20 firing positions per feature "

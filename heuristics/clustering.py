@@ -87,7 +87,7 @@ def sweep_kmeans(X: np.ndarray, k_min: int, k_max: int, seed: int, sample: int):
 
 class HeadLoadingClusters(Heuristic):
     id = "clusters"
-    version = "0.1"
+    version = "0.2"
     needs = "activations"
     produces = HeadLoadingClusterSet
     requires = (HeadAttributionMatrix, DFAHeadShares)
@@ -109,7 +109,9 @@ class HeadLoadingClusters(Heuristic):
     views = (View("cluster_family_crosstab", """
 SELECT c.scan_id, c.sae, c.cluster, coalesce(f.family, '(none)') AS family, count(*) AS features
 FROM clusters c LEFT JOIN families f ON f.scan_id = c.scan_id AND f.sae = c.sae AND f.feature = c.feature
-GROUP BY ALL""", "clusters x families over every scan: scan_id, sae, cluster, family ((none) = no family), features",
+     AND f.is_primary
+GROUP BY ALL""", "clusters x primary families over every scan: scan_id, sae, cluster, family ((none) = no family), "
+                 "features",
                   ("clusters", "families")),)
     description = "k-means on head loadings of live features, k chosen by silhouette; size power law"
     Options = ClusterOptions

@@ -292,7 +292,8 @@ class ContextFeatures(Heuristic):
                 "mass_precision_a": mp_a.float(), "sensitivity_a": sens_a.float(),
                 "sensitivity_b": sens_b.float(), "top_share": src.top_share_mean.float(),
                 "source_distance": dist, "mean_run_length": r.mean_run_length.float(),
-                "delimiter_fraction": r.delimiter_fraction.float(), "long_fraction": r.long_fraction.float()})
+                "delimiter_fraction": r.delimiter_fraction.float(), "long_fraction": r.long_fraction.float()},
+                test="proxy")
             sp = span_share(src, pm.marks, best, F) if kind != "local" else mech_val
             for d in res.detections:
                 d.evidence["proxy"] = pm.proxies[int(best[d.feature])] if best[d.feature] >= 0 else None

@@ -12,6 +12,11 @@ confidence, ties by family name: the ``families.is_primary`` rule) or none. Then
 - *unresolved*: neither, i.e. most top features are in no family, so families cannot say
   whether the head has one role (an LLM label of each feature would be needed).
 
+A feature's role is its primary behaviour or proxy family; a feature in none takes its
+mechanism family (``feature_mechanism``: class and top head, validated by substitution), so a
+head whose top features all read the previous token through it is monosemantic, one whose top
+features read the previous token, short-range and long-range sources is polysemantic.
+
 Head-loading clusters are not used: they group features by the heads they load on, so a
 head's top features share its cluster by construction.
 """
@@ -29,6 +34,7 @@ from famfind.heuristics.attribution import HeadAttributionMatrix
 from famfind.heuristics.context import ContextFamilies
 from famfind.heuristics.induction import InductionFamily
 from famfind.heuristics.long_prefix import LongPrefixFamily
+from famfind.heuristics.mechanism import MechanismRecords
 from famfind.heuristics.name_mover import NameMoverFamily
 from famfind.heuristics.successor import SuccessorFamily
 from famfind.heuristics.token_roles import DuplicateTokenFamily, PreviousTokenFamily
@@ -93,7 +99,7 @@ class HeadPolysemanticityCheck(Heuristic):
     version = "0.1"
     needs = "activations"
     produces = HeadPolysemanticity
-    requires = (HeadAttributionMatrix, ContextFamilies, *FAMILY_TYPES)
+    requires = (HeadAttributionMatrix, ContextFamilies, MechanismRecords, *FAMILY_TYPES)
     tables = (Table("head_polysemanticity", (
         Column("layer", "INTEGER", "the head's layer"),
         Column("head", "INTEGER", "head index"),
@@ -101,7 +107,7 @@ class HeadPolysemanticityCheck(Heuristic):
         Column("n_top", "INTEGER", "live features inspected (the top_n by head attribution)"),
         Column("families", "VARCHAR[]", "distinct primary families among them"),
         Column("top_features", "INTEGER[]", "the features, most attributed first"),
-        Column("top_roles", "VARCHAR[]", "each one's primary family ('' = none)"),
+        Column("top_roles", "VARCHAR[]", "each one's primary family, else its mechanism family ('' = none)"),
     ), "per head: the roles of its most attributed live features, and whether they share one"),)
     description = "Per head: monosemantic, polysemantic or unresolved from its top features' families"
     Options = PolysemanticityOptions
@@ -111,6 +117,8 @@ class HeadPolysemanticityCheck(Heuristic):
         att = ctx.output(HeadAttributionMatrix).attribution  # [d_sae, n_heads]
         F, H = att.shape
         roles = primary_roles(family_outcomes(ctx), F)
+        mech = ctx.output(MechanismRecords).family
+        roles = [r or mech[f] or None for f, r in enumerate(roles)]  # behaviour / proxy first, then mechanism
         live = ~ctx.stats.dead
         verdict, top_roles, rows = {}, {}, []
         for h in range(H):
@@ -135,7 +143,8 @@ class HeadPolysemanticityCheck(Heuristic):
             return
         rows = section.query("SELECT layer || '.' || head, verdict, array_to_string(families, ', ') "
                              "FROM head_polysemanticity WHERE scan_id = ? AND sae = ? ORDER BY layer, head")
-        section.table("Head polysemanticity (top features' primary families)", ("head", "verdict", "families"), rows)
+        section.table("Head polysemanticity (top features' roles)", ("head", "verdict", "families"), rows)
         section.line(f"{s['n_polysemantic']} of {s['n_heads']} heads polysemantic, {s['n_monosemantic']} "
                      f"monosemantic, {s['n_unresolved']} unresolved (most top features in no family) "
-                     "(paper: ~90% of GPT-2 small's heads polysemantic)")
+                     "(roles: behaviour/proxy family, else mechanism family; paper: ~90% of GPT-2 small's heads "
+                     "polysemantic)")

@@ -56,17 +56,26 @@ def render(con, scan_id: int, console: Console) -> None:
 
     for u in saes:
         live = _q(con, "SELECT count(*) FROM features WHERE scan_id = ? AND sae = ? AND NOT dead", scan_id, u["sae"])[0][0]
-        fams = _q(con, "SELECT family, count(DISTINCT feature) FROM families WHERE scan_id = ? AND sae = ? "
-                       "GROUP BY family ORDER BY 2 DESC, 1", scan_id, u["sae"])
-        covered = _q(con, "SELECT count(DISTINCT feature) FROM families WHERE scan_id = ? AND sae = ?",
-                     scan_id, u["sae"])[0][0]
+        fams = _q(con, "SELECT family, any_value(test), count(DISTINCT feature) FROM families WHERE scan_id = ? "
+                       "AND sae = ? GROUP BY family ORDER BY 3 DESC, 1", scan_id, u["sae"])
         primary = dict(_q(con, "SELECT family, count(*) FROM families WHERE scan_id = ? AND sae = ? AND is_primary "
                                "GROUP BY 1", scan_id, u["sae"]))
+
+        def covered(where: str) -> int:
+            return _q(con, f"SELECT count(DISTINCT feature) FROM families WHERE scan_id = ? AND sae = ? AND {where}",
+                      scan_id, u["sae"])[0][0]
+
+        kinds = [("behaviour or proxy", covered("test <> 'necessity'")), ("necessity (mechanism)",
+                                                                          covered("test = 'necessity'")),
+                 ("any family", covered("true"))]
+        pct = lambda n: f"{n / max(live, 1):.1%}"  # noqa: E731
         out.table(f"{u['sae']}: family coverage of {live:,} live features "
                   "(paper: induction ~5% of live features in gelu-2l)",
-                  ("family", "features", "share of live", "primary family of"),
-                  [(fam, str(n), f"{n / max(live, 1):.1%}", str(primary.get(fam, 0))) for fam, n in fams]
-                  + [("(no family)", str(live - covered), f"{(live - covered) / max(live, 1):.1%}", "-")])
+                  ("family", "test", "features", "share of live", "primary family of"),
+                  [(fam, test or "-", str(n), pct(n), str(primary.get(fam, 0))) for fam, test, n in fams]
+                  + [(f"(in a {k} family)" if k != "any family" else "(in any family)", "-", str(n), pct(n), "-")
+                     for k, n in kinds]
+                  + [("(no family)", "-", str(live - kinds[2][1]), pct(live - kinds[2][1]), "-")])
 
     for cls, sec in sections(con, scan_id, console):
         if cls is not None:

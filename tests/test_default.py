@@ -86,11 +86,15 @@ def test_scan_runs_end_to_end_and_reports_what_it_finds(tmp_path):
     assert len(res.sae(1).runs) >= 19  # every built-in detector, on each SAE
     assert write_scan(tmp_path / "d.duckdb", res) == 1
     con = duckdb.connect(str(tmp_path / "d.duckdb"), read_only=True)
-    fams = set(con.execute("SELECT layer, family FROM validation").fetchall())
+    fams = set(con.execute("SELECT layer, family FROM validation WHERE test <> 'necessity'").fetchall())
     # a head-role family is validated only where its layer has such a head: previous-token heads in
     # layer 0, induction heads in layer 1; no successor, name-mover or duplicate-token head in either
     assert fams == {(0, "previous_token"), (1, "induction"), (1, "long_prefix_induction"),
                     (0, "local_context"), (0, "high_level_context"), (1, "local_context"), (1, "high_level_context")}
+    # mechanism families (necessity tests) in both layers, each gated by its control
+    mech = con.execute("SELECT layer, sum(passed), sum(control_passed), sum(selected) FROM validation "
+                       "WHERE test = 'necessity' GROUP BY layer ORDER BY layer").fetchall()
+    assert [m[0] for m in mech] == [0, 1] and all(p >= 0.9 * s and c <= 0.1 * p for _, p, c, s in mech), mech
     for t in ("heads", "head_attribution", "feature_logits", "dfa_head", "dfa_source", "head_successor",
               "head_prefix_curve", "context_runs", "clusters", "cluster_sizes", "cluster_sweep", "examples"):
         assert con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] > 0, t

@@ -1,5 +1,5 @@
-"""The commands that read: ``famfind sql``, ``report``, ``heuristics list``, ``inspect``,
-``export`` and ``tables``."""
+"""The commands that read: ``famfind sql``, ``report``, ``feature``, ``heuristics list``,
+``inspect``, ``export`` and ``tables``."""
 
 from __future__ import annotations
 
@@ -92,6 +92,29 @@ def report(
             except OSError as e:
                 raise FamfindError(html, f"cannot write the HTML report ({e.strerror})") from None
             typer.echo(f"famfind: wrote {', '.join(map(str, written))}", err=True)
+    finally:
+        con.close()
+
+
+@app.command()
+@guarded
+def feature(
+    sae: Annotated[str, typer.Argument(help="The SAE: its name (blocks.1.attn.hook_z) or its layer (1).")],
+    feature: Annotated[int, typer.Argument(help="The feature index.", min=0)],
+    db: DbOpt = Path("famfind.duckdb"),
+    scan_id: Annotated[Optional[int], typer.Option(help="Scan to read (default: the latest).")] = None,
+):
+    """One feature's page: mechanism record and causal tests, families, head attribution, DFA by
+    source on its top examples, boosted and suppressed tokens, top contexts.
+
+    Example: famfind feature 1 84 --db famfind.duckdb
+    """
+    from famfind.db import connect, resolve_scan_id
+    from famfind.reports.feature import render_feature
+
+    con = connect(db, read_only=True)
+    try:
+        render_feature(con, resolve_scan_id(con, db, scan_id), sae, feature, Console())
     finally:
         con.close()
 

@@ -228,6 +228,60 @@ class HFGPT2Model:
         return out, att
 
     @torch.no_grad()
+    def prefix_cache(self, tokens: torch.Tensor, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's keys and values up to ``layer``, ``[(k, v)]`` with ``k, v [batch, n_heads,
+        pos, d_head]``, of ``tokens [batch, pos]``: the clean prefix :meth:`hook_z_spans` reuses."""
+        x, cache = self._embed(tokens), []
+        B, T, _ = x.shape
+        H, dh = self.cfg.n_heads, self.cfg.d_head
+        for lyr in range(layer + 1):
+            qkv = self._ln(x, f"h.{lyr}.ln_1") @ self.sd[f"h.{lyr}.attn.c_attn.weight"] \
+                + self.sd[f"h.{lyr}.attn.c_attn.bias"]
+            q, k, v = (t.view(B, T, H, dh).transpose(1, 2) for t in qkv.split(self.cfg.d_model, dim=-1))
+            cache.append((k, v))
+            if lyr == layer:
+                break
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+            x = x + self._attn_out(z, lyr)
+            x = x + self._mlp(x, lyr)
+        return cache
+
+    @torch.no_grad()
+    def hook_z_spans(self, cache: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor,
+                     starts: torch.Tensor, spans: torch.Tensor, layer: int) -> torch.Tensor:
+        """hook_z of edited sequences, computed only from where they change: sequence ``e`` is
+        cached sequence ``rows[e]`` (:meth:`prefix_cache`) up to ``starts[e]``, then the tokens
+        ``spans[e]``; returns ``[edits, span, n_heads, d_head]``, hook_z at positions
+        ``starts[e] + j``. Exact (the model is causal, the prefix unchanged); a span past the
+        end of one sequence's real tokens is padding whose outputs mean nothing."""
+        E, S = spans.shape
+        H, dh = self.cfg.n_heads, self.cfg.d_head
+        pos = starts[:, None] + torch.arange(S, device=spans.device)  # [E, S] absolute positions
+        x = self.sd["wte.weight"][spans] + self.sd["wpe.weight"][pos.clamp_max(self.cfg.n_ctx - 1)]
+        Kmax = int(pos.max()) + 1
+        P = cache[0][0].shape[2]
+        keep = torch.arange(Kmax, device=spans.device)[None, None, :] <= pos[:, :, None]  # [E, S, Kmax]
+        idx = pos[:, None, :, None].expand(E, H, S, dh)
+        for lyr in range(layer + 1):
+            qkv = self._ln(x, f"h.{lyr}.ln_1") @ self.sd[f"h.{lyr}.attn.c_attn.weight"] \
+                + self.sd[f"h.{lyr}.attn.c_attn.bias"]
+            q, k, v = (t.view(E, S, H, dh).transpose(1, 2) for t in qkv.split(self.cfg.d_model, dim=-1))
+            kc, vc = cache[lyr]
+            K = torch.zeros(E, H, Kmax, dh, device=x.device)
+            V = torch.zeros(E, H, Kmax, dh, device=x.device)
+            m = min(P, Kmax)
+            K[:, :, :m], V[:, :, :m] = kc[rows, :, :m], vc[rows, :, :m]
+            K.scatter_(2, idx, k)
+            V.scatter_(2, idx, v)
+            scores = (q @ K.transpose(-1, -2) / math.sqrt(dh)).masked_fill(~keep[:, None], float("-inf"))
+            z = (scores.softmax(-1) @ V).transpose(1, 2)  # [E, S, H, dh]
+            if lyr == layer:
+                return z
+            x = x + self._attn_out(z, lyr)
+            x = x + self._mlp(x, lyr)
+        raise FamfindError(self.path, f"layer {layer} out of range (n_layers={self.cfg.n_layers})")
+
+    @torch.no_grad()
     def resid_parts(self, tokens: torch.Tensor, layer: int) -> ResidParts:
         if not 0 <= layer < self.cfg.n_layers:
             raise FamfindError(self.path, f"layer {layer} out of range (n_layers={self.cfg.n_layers})")

@@ -99,7 +99,8 @@
       (f.cluster_label ? `<div class="label">cluster: ${esc(f.cluster_label)}</div>` : "");
     const toks = (l) => l.map(([t, v]) => `<span class="tok">${esc(JSON.stringify(t))}</span> ${fmt(v)}`).join(", ");
     return `<div class="card" data-feature="${f.feature}"><h3>feature ${f.feature}</h3>${lab}<div>${fams}</div>` +
-      `<div>density ${fmt(f.density)} | max ${fmt(f.max_act)} | cluster ${f.cluster ?? "-"}</div>${hist(f)}` +
+      `<div>density ${fmt(f.density)} | max ${fmt(f.max_act)} | cluster ${f.cluster ?? "-"}</div>` +
+      (f.mechanism ? `<div class="mech"><b>mechanism</b> ${esc(f.mechanism)}</div>` : "") + hist(f) +
       (f.proxy ? `<div><b>proxy</b> <span class="tok">${esc(f.proxy[0])}</span>: mass precision ${fmt(f.proxy[1])}, sensitivity ` +
         `${fmt(f.proxy[2])}, AUROC ${fmt(f.proxy[3])}${proxyPlots(dense(f.hist), f.proxy[4], f.proxy[0])}</div>` : "") +
       `<div><b>boosts</b> ${toks(f.logits.boost)}</div><div><b>suppresses</b> ${toks(f.logits.suppress)}</div>` +

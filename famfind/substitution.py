@@ -1,0 +1,111 @@
+"""Token substitution: re-run corpus sequences with one token replaced, many at once.
+
+The causal tests of the mechanism records (:mod:`famfind.heuristics.mechanism`) ask "what does
+feature ``f`` read at position ``t`` when the token at position ``p`` is replaced by ``x``?".
+An *edit* is ``(sequence, position, token)``: a corpus sequence with the token at ``position``
+replaced (``position = -1``: the sequence unchanged, a clean run). A *read* is ``(edit,
+position, feature)``: the SAE feature's activation at that position of the edited sequence.
+One edit serves every read of it, whatever the feature, so tests that need the same edit share
+one forward.
+
+The model is causal, so an edit changes nothing before its position and nothing a read needs
+after the last read. Each edit is computed only over ``[start, last read]`` (``start``: the
+edit's position, or its first read when that comes earlier), up to the SAE's layer. A backend
+with a prefix cache (:meth:`famfind.models.gpt2.HFGPT2Model.hook_z_spans`, the GPT-2 fast
+path) reuses the clean sequence's keys and values before ``start``; any other backend runs
+the sequence from its start to the last read. Edits are sorted by length and batched under a
+token budget. The cost is the sum over edits of their computed positions, never
+``d_sae x corpus``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CACHE_FLOATS = 1 << 26  # clean keys and values cached at once (256 MB of float32)
+
+
+@torch.no_grad()
+def run_edits(model, sae, tokens: torch.Tensor, e_seq: torch.Tensor, e_pos: torch.Tensor, e_tok: torch.Tensor,
+              r_edit: torch.Tensor, r_pos: torch.Tensor, r_feat: torch.Tensor, token_budget: int = 4096,
+              device: str = "cpu") -> torch.Tensor:
+    """Activations of the reads, ``[n_reads]`` (CPU, float32).
+
+    ``tokens [n_seq, seq_len]`` the corpus; edits ``e_seq/e_pos/e_tok [n_edits]`` (long;
+    ``e_pos = -1``: no replacement); reads ``r_edit/r_pos/r_feat [n_reads]`` (long: index into
+    the edits, position, SAE feature). ``model`` runs to ``sae.layer``; the feature is encoded
+    with :meth:`famfind.sae.SAE.encode_pairs`. ``token_budget``: positions per forward.
+    Raises ``ValueError`` when a read names an edit that does not exist."""
+    n_edits, n_reads = e_seq.numel(), r_edit.numel()
+    out = torch.zeros(n_reads)
+    if n_reads == 0:
+        return out
+    if int(r_edit.min()) < 0 or int(r_edit.max()) >= n_edits:
+        raise ValueError(f"reads name edits outside [0, {n_edits})")
+    last = torch.full((n_edits,), -1, dtype=torch.long).scatter_reduce_(0, r_edit, r_pos, reduce="amax")
+    first = torch.full((n_edits,), tokens.shape[1], dtype=torch.long).scatter_reduce_(0, r_edit, r_pos, reduce="amin")
+    used = torch.nonzero(last >= 0).flatten()
+    cached = hasattr(model, "hook_z_spans") and hasattr(model, "prefix_cache")
+    start = torch.where(e_pos >= 0, torch.minimum(e_pos, first), first) if cached else torch.zeros_like(first)
+    length = last - start + 1
+    batches = _batches(used, e_seq, length, token_budget, _seqs_per_cache(model, sae.layer, tokens.shape[1])
+                       if cached else None)
+    rank = torch.full((n_edits,), -1, dtype=torch.long)
+    rank[torch.cat([b for _, b in batches])] = torch.arange(used.numel())
+    r_order = torch.argsort(rank[r_edit], stable=True)
+    r_rank = rank[r_edit][r_order]
+    done, cache_key, cache = 0, None, None
+    for chunk, grp in batches:
+        L = int(length[grp].max())
+        s0 = start[grp]
+        idx = (s0[:, None] + torch.arange(L)).clamp_max(tokens.shape[1] - 1)
+        toks = tokens[e_seq[grp][:, None], idx]
+        edited = torch.nonzero((e_pos[grp] >= 0) & (e_pos[grp] - s0 < L)).flatten()  # an edit after every read changes nothing
+        toks[edited, e_pos[grp][edited] - s0[edited]] = e_tok[grp][edited]
+        if cached:
+            if cache_key is not chunk:
+                P = max(1, int(start[torch.isin(e_seq, chunk) & (last >= 0)].max()))
+                cache, cache_key = model.prefix_cache(tokens[chunk, :P].to(device), sae.layer), chunk
+            rows = torch.searchsorted(chunk, e_seq[grp])
+            z = model.hook_z_spans(cache, rows.to(device), s0.to(device), toks.to(device), sae.layer)
+        else:
+            z = model.run_hook_z(toks.to(device), sae.layer)  # [edits, L, n_heads, d_head]
+        lo, hi = int(torch.searchsorted(r_rank, done)), int(torch.searchsorted(r_rank, done + grp.numel()))
+        rs = r_order[lo:hi]
+        e = rank[r_edit[rs]] - done
+        x = z[e.to(z.device), (r_pos[rs] - s0[e]).to(z.device)].flatten(-2).float()
+        out[rs] = sae.encode_pairs(x, r_feat[rs].to(z.device)).cpu()
+        done += grp.numel()
+    return out
+
+
+def _seqs_per_cache(model, layer: int, seq_len: int) -> int:
+    """Sequences whose clean keys and values (every layer up to ``layer``) fit :data:`CACHE_FLOATS`."""
+    return max(1, CACHE_FLOATS // ((layer + 1) * 2 * seq_len * model.cfg.d_model))
+
+
+def _batches(used: torch.Tensor, e_seq: torch.Tensor, length: torch.Tensor, budget: int,
+             seqs_per_chunk: int | None) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+    """``[(sequences of the chunk or None, edit ids)]``: with a prefix cache, the edits grouped
+    by chunks of ``seqs_per_chunk`` sequences (one cache each); within a chunk (or over all
+    edits, without a cache) sorted by length and cut so that edits x longest <= ``budget``."""
+    if seqs_per_chunk is None:
+        groups = [(None, used)]
+    else:
+        seqs = torch.unique(e_seq[used])
+        groups = []
+        for c0 in range(0, seqs.numel(), seqs_per_chunk):
+            chunk = seqs[c0:c0 + seqs_per_chunk]
+            groups.append((chunk, used[torch.isin(e_seq[used], chunk)]))
+    out = []
+    for chunk, ids in groups:
+        ids = ids[torch.argsort(length[ids], stable=True)]
+        ln = length[ids].tolist()
+        i = 0
+        while i < len(ids):
+            j = min(len(ids), i + max(1, budget // ln[i]))
+            while j - i > 1 and (j - i) * ln[j - 1] > budget:
+                j = i + max(1, budget // ln[j - 1])
+            out.append((chunk, ids[i:j]))
+            i = j
+    return out
