@@ -1,5 +1,10 @@
 """Scan benchmarks on the embedded default; prints ratios measured in one run.
 
+0. The full default ``famfind scan`` (subprocess, every detector, DuckDB, terminal report)
+   against its floor, measured alternately (floor, scan, floor, scan, ``--repeats``): the floor
+   is one forward to layer 1 plus both SAEs' encodes over the same tokens, in this process
+   (issue #26: target scan <= 2.5x floor); and what the mechanism records add
+   (``source_samples`` + ``feature_mechanism`` seconds, observing the pass included).
 1. Full default ``famfind scan`` (subprocess): wall time and peak RSS, for the whole default
    (both layers' SAEs in one pass) against the layer-1 SAE alone; and the time the scan spent
    in proxy marking and scoring (``proxy_marks`` + ``proxy_scores``, observing the pass included)
@@ -15,7 +20,7 @@
 3. Vectorised induction behaviour (all features at once) against a per-feature, per-sequence
    Python loop over the same features and sequences; identical pass rates; ratio, target >= 50x.
 
-Run: ``python benchmarks/bench_scan.py [--tokens N] [--loop-features K]``.
+Run: ``python benchmarks/bench_scan.py [--tokens N] [--loop-features K] [--floor-only]``.
 """
 
 from __future__ import annotations
@@ -118,6 +123,47 @@ def two_layer_pass(d: Path, n_tokens: int) -> None:
           f"{t2:.1f} s, ratio {t2 / t1:.2f}x (two separate passes would be ~2x)")
 
 
+@torch.no_grad()
+def floor(m: HFGPT2Model, saes: list, tokens: torch.Tensor, bs: int = 32) -> float:
+    """Seconds of one forward to the deepest SAE's layer plus every SAE's encode over ``tokens``."""
+    layers = sorted({s.layer for s in saes})
+    t0 = time.time()
+    for s in range(0, tokens.shape[0], bs):
+        zs = m.run_hook_zs(tokens[s:s + bs], layers)
+        for sae in saes:
+            sae.encode(zs[sae.layer].flatten(-2))
+    return time.time() - t0
+
+
+def scan_against_floor(repeats: int) -> None:
+    """Section 0: the full default scan against its floor, alternately, in one run."""
+    import duckdb
+
+    m = HFGPT2Model(default_dir() / "model")
+    saes = [load_sae(default_sae(0)), load_sae(default_sae(1))]
+    toks = load_corpus(None, m.tokenizer, 128, None).tokens
+    floor(m, saes, toks[:64])  # warm-up
+    floors, scans, mech = [], [], []
+    for _ in range(repeats):
+        floors.append(floor(m, saes, toks))
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.time()
+            subprocess.run([sys.executable, "-m", "famfind.cli", "scan", "--db", f"{tmp}/s.duckdb"], check=True,
+                           stdout=subprocess.DEVNULL)
+            scans.append(time.time() - t0)
+            con = duckdb.connect(f"{tmp}/s.duckdb", read_only=True)
+            mech.append(con.execute("SELECT sum(seconds) FROM detector_runs WHERE detector IN ('source_samples', "
+                                    "'feature_mechanism')").fetchone()[0])
+            con.close()
+    f, sc = sum(floors) / repeats, sum(scans) / repeats
+    print(f"full default scan ({toks.numel():,} tokens, 2 SAEs, every detector, DuckDB, terminal report) "
+          f"against its floor (forward to layer 1 + both encodes), alternately x{repeats}: floor "
+          f"{', '.join(f'{x:.1f}' for x in floors)} s, scan {', '.join(f'{x:.1f}' for x in scans)} s; "
+          f"scan / floor = {sc / f:.2f}x (target <= 2.5x)")
+    print(f"  mechanism records (source_samples + feature_mechanism, observing the pass included): "
+          f"{sum(mech) / repeats:.1f} s = {sum(mech) / repeats / sc:.1%} of the scan")
+
+
 def proxy_share(db: str, name: str, wall: float) -> None:
     """Print the seconds the scan spent in the proxy detectors (all SAEs) against its wall time."""
     import duckdb
@@ -138,9 +184,14 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=262_144, help="tokens for the pass comparison")
     ap.add_argument("--loop-features", type=int, default=None, help="features for the loop comparison (default: all)")
     ap.add_argument("--skip-scan", action="store_true")
+    ap.add_argument("--floor-only", action="store_true", help="only section 0: the scan against its floor")
+    ap.add_argument("--repeats", type=int, default=2, help="alternations of floor and scan in section 0")
     args = ap.parse_args()
     torch.set_num_threads(2)
     d = default_dir()
+    scan_against_floor(args.repeats)
+    if args.floor_only:
+        return
     if not args.skip_scan:
         walls = {}
         for name, extra in (("layer-1 SAE alone", [str(default_sae(1))]), ("both layers (the default)", [])):

@@ -182,6 +182,93 @@ class Histogram:
         self.count += o.count.to(self.count.device)
 
 
+class Slots:
+    """``k`` slots per feature, ranked by ``key`` (descending when ``largest``; ties: the earlier
+    corpus index ``idx``), each slot holding payload fields. ``key/idx [k, d_sae]`` (``idx``:
+    ``seq * seq_len + pos``, :data:`EMPTY` in an empty slot), each payload field ``[k, d_sae,
+    ...]``. The shared machinery of every "best k per feature" accumulator (top-k examples,
+    reservoir samples, DFA-by-source samples): a batch's candidates are filtered against each
+    feature's worst kept key and ranked within their feature (:meth:`candidates`); the survivors
+    wait in a buffer and are folded in (one sort of buffer and slots together) once the buffer
+    holds as many rows as the slots, or when the slots are read; ``merge`` folds another
+    shard's slots. The kept rows are the same however the candidates were batched."""
+
+    def __init__(self, k: int, d_sae: int, largest: bool, key_dtype: torch.dtype, payload: dict, device):
+        self.k, self.largest = k, largest
+        if key_dtype.is_floating_point:
+            self.key_fill = float("-inf") if largest else float("inf")
+        else:
+            self.key_fill = torch.iinfo(key_dtype).min if largest else torch.iinfo(key_dtype).max
+        self.names = ("key", "idx", *payload)
+        self.fields = {"key": torch.full((k, d_sae), self.key_fill, dtype=key_dtype, device=device),
+                       "idx": torch.full((k, d_sae), EMPTY, dtype=torch.long, device=device)}
+        for name, (tail, dtype) in payload.items():
+            self.fields[name] = torch.zeros(k, d_sae, *tail, dtype=dtype, device=device)
+        self.pending: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
+        self.n_pending = 0
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        self._compact()
+        return self.fields[name]
+
+    def worst(self) -> torch.Tensor:
+        """``[d_sae]`` each feature's last kept key (buffered candidates not counted: a filter
+        that lets a few more through, never fewer)."""
+        return self.fields["key"][-1]
+
+    def candidates(self, feat: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Of one batch's candidates ``(feat, key) [n]``, in ascending corpus order, those that
+        can enter: ``(index into them, rank within the feature)``. Candidates worse than the
+        feature's last slot are dropped first (the rest are a prefix of the feature's order, so
+        their ranks are the same)."""
+        w = self.worst()[feat]
+        sel = torch.nonzero(key >= w if self.largest else key <= w).flatten()
+        o = key[sel].argsort(descending=self.largest, stable=True)  # stable: ties stay in corpus order
+        o = o[feat[sel][o].argsort(stable=True)]
+        fs = feat[sel][o]
+        rank = torch.arange(fs.numel(), device=fs.device) - torch.searchsorted(fs, fs, right=False)
+        ok = rank < self.k
+        return sel[o[ok]], rank[ok]
+
+    def fold(self, rank: torch.Tensor, feat: torch.Tensor, vals: dict[str, torch.Tensor]) -> None:
+        """Add candidates ``vals[name] [n, ...]`` of features ``feat [n]`` (``rank``: their rank
+        within the feature in this batch, unused beyond ``rank < k``)."""
+        if feat.numel() == 0:
+            return
+        self.pending.append((feat, vals))
+        self.n_pending += feat.numel()
+        if self.n_pending >= self.fields["key"].numel():
+            self._compact()
+
+    def _compact(self) -> None:
+        """Keep each feature's best ``k`` of its slots and the buffered candidates."""
+        if not self.pending:
+            return
+        dev = self.fields["key"].device
+        kk, ff = torch.nonzero(self.fields["idx"] != EMPTY, as_tuple=True)
+        feat = torch.cat([ff, *(p[0].to(dev) for p in self.pending)])
+        rows = {n: torch.cat([self.fields[n][kk, ff], *(p[1][n].to(device=dev, dtype=self.fields[n].dtype)
+                                                        for p in self.pending)]) for n in self.names}
+        self.pending, self.n_pending = [], 0
+        o = rows["idx"].argsort(stable=True)  # ties of the key: the earlier corpus position first
+        o = o[rows["key"][o].argsort(descending=self.largest, stable=True)]
+        o = o[feat[o].argsort(stable=True)]
+        fs = feat[o]
+        rank = torch.arange(fs.numel(), device=dev) - torch.searchsorted(fs, fs, right=False)
+        keep = rank < self.k
+        r, f, src = rank[keep], fs[keep], o[keep]
+        for n in self.names:
+            fill = self.key_fill if n == "key" else (EMPTY if n == "idx" else 0)
+            self.fields[n].fill_(fill)
+            self.fields[n][r, f] = rows[n][src]
+
+    def merge(self, other: "Slots") -> None:
+        other._compact()
+        kk, ff = torch.nonzero(other.fields["idx"] != EMPTY, as_tuple=True)
+        self.pending.append((ff, {n: other.fields[n][kk, ff] for n in self.names}))
+        self._compact()
+
+
 class TopK:
     """Each feature's ``k`` highest activations with their corpus position and window;
     ties go to the earlier corpus position (``seq * seq_len + pos``), so the result does not
@@ -189,39 +276,26 @@ class TopK:
 
     def __init__(self, k: int, d_sae: int, T: int, device):
         self.k, self.T = k, T
-        self.acts = torch.zeros(k, d_sae, device=device)
-        self.idx = torch.full((k, d_sae), EMPTY, dtype=torch.long, device=device)
-        self.win = torch.zeros(k, d_sae, W, dtype=torch.float16, device=device)
+        self.slots = Slots(k, d_sae, True, torch.float32, {"win": ((W,), torch.float16)}, device)
+
+    acts = property(lambda self: self.slots["key"])
+    idx = property(lambda self: self.slots["idx"])
+    win = property(lambda self: self.slots["win"])
 
     def update(self, batch: ActivationBatch) -> None:
         """O(fired entries): each feature's best ``k`` firings of the batch (by activation,
-        ties by position) are folded in; positions where it does not fire never enter."""
+        ties by position) that beat its current ``k``-th are folded in."""
         b, t, f = batch.firing  # row-major: ascending batch position
         if f.numel() == 0:
             return
         v = batch.acts[b, t, f].float()
-        o = v.argsort(descending=True, stable=True)
-        o = o[f[o].argsort(stable=True)]  # grouped by feature; activation desc, then position asc
-        fs = f[o]
-        rank = torch.arange(fs.numel(), device=fs.device) - torch.searchsorted(fs, fs, right=False)
-        keep = o[rank < self.k]
-        slot = (rank[rank < self.k], f[keep])
-        F, dev = self.acts.shape[1], f.device
-        new_a = torch.zeros(self.k, F, device=dev)
-        new_a[slot] = v[keep]
-        new_i = torch.full((self.k, F), EMPTY, dtype=torch.long, device=dev)
-        new_i[slot] = (b[keep] + batch.start) * self.T + t[keep]
-        new_w = torch.zeros(self.k, F, W, dtype=torch.float16, device=dev)
-        new_w[slot] = window_acts(batch.acts.reshape(-1, F), b[keep], t[keep], f[keep], self.T)
-        self._fold(new_a, new_i, new_w)
-
-    def _fold(self, acts, idx, win) -> None:
-        d = self.acts.device
-        a, i, w = (torch.cat([x, y.to(d)]) for x, y in ((self.acts, acts), (self.idx, idx), (self.win, win)))
-        self.acts, self.idx, self.win = best_rows([a, i], [a, i, w], self.k, largest=True)
+        keep, rank = self.slots.candidates(f, v)
+        kb, kt, kf = b[keep], t[keep], f[keep]
+        self.slots.fold(rank, kf, {"key": v[keep], "idx": (kb + batch.start) * self.T + kt,
+                                   "win": window_acts(batch.acts.reshape(-1, batch.acts.shape[-1]), kb, kt, kf, self.T)})
 
     def merge(self, o: TopK) -> None:
-        self._fold(o.acts, o.idx, o.win)
+        self.slots.merge(o.slots)
 
 
 class Reservoir:
@@ -230,43 +304,27 @@ class Reservoir:
 
     def __init__(self, n: int, d_sae: int, T: int, seed: int, device):
         self.n, self.T, self.seed = n, T, seed
-        self.key = torch.full((n, d_sae), float("inf"), dtype=torch.float64, device=device)
-        self.acts = torch.zeros(n, d_sae, device=device)
-        self.idx = torch.full((n, d_sae), EMPTY, dtype=torch.long, device=device)
-        self.win = torch.zeros(n, d_sae, W, dtype=torch.float16, device=device)
+        self.slots = Slots(n, d_sae, False, torch.float64, {"acts": ((), torch.float32),
+                                                            "win": ((W,), torch.float16)}, device)
+
+    key = property(lambda self: self.slots["key"])
+    acts = property(lambda self: self.slots["acts"])
+    idx = property(lambda self: self.slots["idx"])
+    win = property(lambda self: self.slots["win"])
 
     def update(self, batch: ActivationBatch) -> None:
         if not self.n:
             return
         b, t, f = batch.firing
         key = position_keys(self.seed, b + batch.start, t, f)
-        o1 = key.argsort()
-        srt = o1[f[o1].argsort(stable=True)]  # grouped by feature, keys ascending within a feature
-        fs = f[srt]
-        rank = torch.arange(fs.numel(), device=fs.device) - torch.searchsorted(fs, fs, right=False)
-        keep = srt[rank < self.n]
-        slot = (rank[rank < self.n], f[keep])  # (rank, feature) of each kept entry
+        keep, rank = self.slots.candidates(f, key)
         kb, kt, kf = b[keep], t[keep], f[keep]
-        F = self.key.shape[1]
-        dev = f.device
-        new_key = torch.full((self.n, F), float("inf"), dtype=torch.float64, device=dev)
-        new_key[slot] = key[keep]
-        new_a = torch.zeros(self.n, F, device=dev)
-        new_a[slot] = batch.acts[kb, kt, kf].float()
-        new_i = torch.full((self.n, F), EMPTY, dtype=torch.long, device=dev)
-        new_i[slot] = (kb + batch.start) * self.T + kt
-        new_w = torch.zeros(self.n, F, W, dtype=torch.float16, device=dev)
-        new_w[slot] = window_acts(batch.acts.reshape(-1, F), kb, kt, kf, self.T)
-        self._fold(new_key, new_a, new_i, new_w)
-
-    def _fold(self, key, acts, idx, win) -> None:
-        d = self.key.device
-        cat = [torch.cat([a, b.to(d)]) for a, b in ((self.key, key), (self.acts, acts), (self.idx, idx),
-                                                      (self.win, win))]
-        self.key, self.acts, self.idx, self.win = best_rows([cat[0], cat[2]], cat, self.n, largest=False)
+        self.slots.fold(rank, kf, {"key": key[keep], "idx": (kb + batch.start) * self.T + kt,
+                                   "acts": batch.acts[kb, kt, kf].float(),
+                                   "win": window_acts(batch.acts.reshape(-1, batch.acts.shape[-1]), kb, kt, kf, self.T)})
 
     def merge(self, o: Reservoir) -> None:
-        self._fold(o.key, o.acts, o.idx, o.win)
+        self.slots.merge(o.slots)
 
 
 class RandomContexts:
@@ -375,6 +433,7 @@ class PassState:
         c, T = self.counts, self.T
         top_a, top_i, top_w = (x.cpu() for x in (self.top.acts, self.top.idx, self.top.win))
         none = top_a <= 0
+        top_a = torch.where(none, 0.0, top_a)
         top_s = torch.where(none, -1, top_i // T)
         top_p = torch.where(none, -1, top_i % T)
         top_w[none] = 0

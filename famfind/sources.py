@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from famfind.activations import EMPTY, ActivationBatch, _mix32, best_rows, position_keys
+from famfind.activations import ActivationBatch, Slots, _mix32, position_keys
 
 PAIR_FLOATS = 1 << 22  # (position, feature) pairs x source positions held at once (16 MB)
 
@@ -98,61 +98,16 @@ def source_summary(pattern: torch.Tensor, v: torch.Tensor, W_enc: torch.Tensor, 
     return out
 
 
-class SourceSlots:
-    """``k`` slots per feature, each a firing position with its activation and
-    :class:`SourceSummary`, ranked by ``key`` (descending when ``largest``; ties: the earlier
-    corpus position). ``key [k, d_sae]`` (float64 or int64), ``idx [k, d_sae]`` corpus index
-    ``seq * seq_len + pos`` (``EMPTY``: no slot), ``act [k, d_sae]``, and the summary fields
-    ``[k, d_sae, ...]``."""
-
-    FIELDS = ("key", "idx", "act", "src_pos", "src_val", "total", "pos_total", "head_val")
+class SourceSlots(Slots):
+    """``k`` slots per feature (:class:`famfind.activations.Slots`), each a firing position with
+    its activation ``act`` and :class:`SourceSummary` fields ``src_pos``, ``src_val``, ``total``,
+    ``pos_total``, ``head_val``."""
 
     def __init__(self, k: int, d_sae: int, n_heads: int, n_sources: int, largest: bool, key_dtype, device):
-        self.k, self.largest = k, largest
-        if key_dtype.is_floating_point:
-            self.key_fill = float("-inf") if largest else float("inf")
-        else:
-            self.key_fill = torch.iinfo(key_dtype).min if largest else torch.iinfo(key_dtype).max
-        self.key = torch.full((k, d_sae), self.key_fill, dtype=key_dtype, device=device)
-        self.idx = torch.full((k, d_sae), EMPTY, dtype=torch.long, device=device)
-        self.act = torch.zeros(k, d_sae, device=device)
-        self.src_pos = torch.zeros(k, d_sae, n_sources, dtype=torch.long, device=device)
-        self.src_val = torch.zeros(k, d_sae, n_sources, device=device)
-        self.total = torch.zeros(k, d_sae, device=device)
-        self.pos_total = torch.zeros(k, d_sae, device=device)
-        self.head_val = torch.zeros(k, d_sae, n_heads, device=device)
-
-    def worst(self) -> torch.Tensor:
-        """``[d_sae]`` the key of each feature's last slot: a candidate must reach it to enter."""
-        return self.key[-1]
-
-    def fold(self, rank: torch.Tensor, feat: torch.Tensor, vals: dict[str, torch.Tensor]) -> None:
-        """Fold in one batch's candidates: ``vals[name]`` per candidate, of feature ``feat`` with
-        ``rank`` < k among that feature's candidates; each feature keeps the best ``k`` of its
-        old and new rows. Only the features with candidates are touched."""
-        if feat.numel() == 0:
-            return
-        cols = torch.unique(feat)
-        j = torch.searchsorted(cols, feat)
-        old = {n: getattr(self, n)[:, cols] for n in self.FIELDS}
-        new = {}
-        for name in self.FIELDS:
-            fill = self.key_fill if name == "key" else (EMPTY if name == "idx" else 0)
-            blk = torch.full_like(old[name], fill)
-            blk[rank, j] = vals[name].to(blk.dtype)
-            new[name] = blk
-        kept = self._best(old, new)
-        for n, x in zip(self.FIELDS, kept):
-            getattr(self, n)[:, cols] = x
-
-    def _best(self, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        cat = [torch.cat([a[n], b[n].to(a[n].device)]) for n in self.FIELDS]
-        return best_rows([cat[0], cat[1]], cat, self.k, largest=self.largest)
-
-    def merge(self, other: "SourceSlots") -> None:
-        kept = self._best({n: getattr(self, n) for n in self.FIELDS}, {n: getattr(other, n) for n in self.FIELDS})
-        for n, x in zip(self.FIELDS, kept):
-            setattr(self, n, x)
+        super().__init__(k, d_sae, largest, key_dtype, {
+            "act": ((), torch.float32), "src_pos": ((n_sources,), torch.long), "src_val": ((n_sources,), torch.float32),
+            "total": ((), torch.float32), "pos_total": ((), torch.float32), "head_val": ((n_heads,), torch.float32)},
+            device)
 
 
 def _rank_within(group: torch.Tensor, order_keys: list[torch.Tensor], descending_first: bool) -> torch.Tensor:
@@ -206,33 +161,24 @@ class SourceSampler:
         idx = seq * self.T + t
         odd = (seq % 2).bool()
         picks: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # name -> (pair index, rank, key)
-        # Each sample first drops the pairs that cannot enter (worse than the feature's last slot:
-        # the survivors are a prefix of its order, so ranking them alone gives the same ranks).
-        # Pairs come in row-major order, i.e. ascending corpus position, so stable sorts break
-        # ties by position.
-        sel = torch.nonzero(act >= self.top.worst()[f]).flatten()
-        r = _rank_within(f[sel], [act[sel]], True)
-        ok = r < self.top.k
-        picks["top"] = (sel[ok], r[ok], act[sel[ok]])
+        # pairs come in row-major order, i.e. ascending corpus position: stable sorts break ties by it
+        sel, rank = self.top.candidates(f, act)
+        picks["top"] = (sel, rank, act[sel])
         if self.uniform.k:
             ev = torch.nonzero(~odd).flatten()
             key = position_keys(self.seed, seq[ev], t[ev], f[ev])
-            keep = key <= self.uniform.worst()[f[ev]]
-            ev, key = ev[keep], key[keep]
-            r = _rank_within(f[ev], [key], False)
-            ok = r < self.uniform.k
-            picks["uniform"] = (ev[ok], r[ok], key[ok])
+            sel, rank = self.uniform.candidates(f[ev], key)
+            picks["uniform"] = (ev[sel], rank, key[sel])
         if self.held_out.k:
             od = torch.nonzero(odd).flatten()
             within = position_keys(self.seed + 1, seq[od], t[od], f[od])
             key = (sequence_keys(self.seed, seq[od]) << 31) | (within * (1 << 31)).long()
-            keep = key <= self.held_out.worst()[f[od]]
+            keep = key <= self.held_out.worst()[f[od]]  # (candidates() filters too; the cap needs it first)
             od, within, key = od[keep], within[keep], key[keep]
             cap = _rank_within(seq[od] * batch.acts.shape[-1] + f[od], [within], False) < self.per_seq
             od, key = od[cap], key[cap]
-            r = _rank_within(f[od], [key], False)
-            ok = r < self.held_out.k
-            picks["held_out"] = (od[ok], r[ok], key[ok])
+            sel, rank = self.held_out.candidates(f[od], key)
+            picks["held_out"] = (od[sel], rank, key[sel])
         pairs = torch.unique(torch.cat([p[0] for p in picks.values()]))
         summ = source_summary(batch.pattern, batch.v, W_enc, b_dec, b[pairs], t[pairs], f[pairs], self.n_sources)
         where = torch.full((f.numel(),), -1, dtype=torch.long, device=f.device)

@@ -48,8 +48,8 @@ def run_edits(model, sae, tokens: torch.Tensor, e_seq: torch.Tensor, e_pos: torc
     cached = hasattr(model, "hook_z_spans") and hasattr(model, "prefix_cache")
     start = torch.where(e_pos >= 0, torch.minimum(e_pos, first), first) if cached else torch.zeros_like(first)
     length = last - start + 1
-    batches = _batches(used, e_seq, length, token_budget, _seqs_per_cache(model, sae.layer, tokens.shape[1])
-                       if cached else None)
+    batches = _batches(used, e_seq, length, last, token_budget,
+                       _seqs_per_cache(model, sae.layer, tokens.shape[1]) if cached else None)
     rank = torch.full((n_edits,), -1, dtype=torch.long)
     rank[torch.cat([b for _, b in batches])] = torch.arange(used.numel())
     r_order = torch.argsort(rank[r_edit], stable=True)
@@ -84,11 +84,12 @@ def _seqs_per_cache(model, layer: int, seq_len: int) -> int:
     return max(1, CACHE_FLOATS // ((layer + 1) * 2 * seq_len * model.cfg.d_model))
 
 
-def _batches(used: torch.Tensor, e_seq: torch.Tensor, length: torch.Tensor, budget: int,
+def _batches(used: torch.Tensor, e_seq: torch.Tensor, length: torch.Tensor, last: torch.Tensor, budget: int,
              seqs_per_chunk: int | None) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
     """``[(sequences of the chunk or None, edit ids)]``: with a prefix cache, the edits grouped
     by chunks of ``seqs_per_chunk`` sequences (one cache each); within a chunk (or over all
-    edits, without a cache) sorted by length and cut so that edits x longest <= ``budget``."""
+    edits, without a cache) sorted by length, then by last read (so a batch's edits attend to
+    similar key ranges), and cut so that edits x longest <= ``budget``."""
     if seqs_per_chunk is None:
         groups = [(None, used)]
     else:
@@ -99,7 +100,7 @@ def _batches(used: torch.Tensor, e_seq: torch.Tensor, length: torch.Tensor, budg
             groups.append((chunk, used[torch.isin(e_seq[used], chunk)]))
     out = []
     for chunk, ids in groups:
-        ids = ids[torch.argsort(length[ids], stable=True)]
+        ids = ids[torch.argsort(length[ids] * (int(last.max()) + 2) + last[ids], stable=True)]
         ln = length[ids].tolist()
         i = 0
         while i < len(ids):

@@ -30,7 +30,8 @@ from famfind.dfa import HeadDFAAccumulator
 from famfind.errors import FamfindError
 from famfind.families import mode_per_feature
 from famfind.plugins import Column, Heuristic, Options, Output, Result, Table
-from famfind.sources import EMPTY, SourceSampler, SourceSlots
+from famfind.activations import EMPTY
+from famfind.sources import SourceSampler, SourceSlots
 
 
 @dataclass(frozen=True)
@@ -151,11 +152,10 @@ class SampleSlots:
 
     @classmethod
     def of(cls, slots: SourceSlots, seq_len: int) -> "SampleSlots":
-        idx = slots.idx.cpu()
+        idx = slots["idx"].cpu()
         empty = idx == EMPTY
-        return cls(torch.where(empty, -1, idx // seq_len), torch.where(empty, -1, idx % seq_len), slots.act.cpu(),
-                   slots.src_pos.cpu(), slots.src_val.cpu(), slots.total.cpu(), slots.pos_total.cpu(),
-                   slots.head_val.cpu())
+        return cls(torch.where(empty, -1, idx // seq_len), torch.where(empty, -1, idx % seq_len),
+                   *(slots[n].cpu() for n in ("act", "src_pos", "src_val", "total", "pos_total", "head_val")))
 
 
 @dataclass(frozen=True)

@@ -58,21 +58,34 @@ def behaviour_checks(tokens: torch.Tensor, acts: torch.Tensor, top_token: torch.
     """Per (sequence, feature): ``(eligible, passed)``, both bool ``[batch, n_features]``.
 
     ``tokens [batch, pos]``, ``acts [batch, pos, n_features]``, ``top_token [n_features]``.
+    Sparse: a check exists only where the next token is a feature's top token, so only those
+    (position, feature) pairs are read (each position's features found by binary search in the
+    features sorted by top token), not the dense ``[batch, pos, n_features]`` grid.
     """
-    nxt = tokens[:, 1:]  # next token at each position p
-    first = first_occurrence(tokens)  # [batch, pos-1]
-    fired = acts[:, :-1, :] > 0  # [batch, pos-1, n_features]
-    match = nxt[:, :, None] == top_token[None, None, :]
-    first_m = match & first[:, :, None]
-    later_m = match & ~first[:, :, None]
-    bad_first = (first_m & fired).any(1)
-    eligible = later_m.any(1)
-    if later_rule == "all":
-        ok_later = ~(later_m & ~fired).any(1)
-    elif later_rule == "any":
-        ok_later = (later_m & fired).any(1)
-    else:
+    if later_rule not in ("all", "any"):
         raise ValueError(f"later_rule must be 'all' or 'any', not {later_rule!r}")
+    B, T = tokens.shape
+    F, dev = top_token.numel(), tokens.device
+    nxt = tokens[:, 1:].reshape(-1)  # next token at each position p, [B * (T-1)]
+    first = first_occurrence(tokens).reshape(-1)
+    order = torch.argsort(top_token, stable=True)
+    tops = top_token[order]
+    lo, hi = torch.searchsorted(tops, nxt), torch.searchsorted(tops, nxt, right=True)
+    count = hi - lo
+    at = torch.repeat_interleave(torch.arange(nxt.numel(), device=dev), count)  # one entry per check
+    k = torch.arange(at.numel(), device=dev) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
+    f = order[lo[at] + k]
+    b, p = at // (T - 1), at % (T - 1)
+    fired = acts[b, p, f] > 0
+    is_first = first[at]
+    cell = b * F + f
+
+    def any_of(mask):
+        return torch.zeros(B * F, dtype=torch.bool, device=dev).index_fill_(0, cell[mask], True).view(B, F)
+
+    bad_first = any_of(is_first & fired)
+    eligible = any_of(~is_first)
+    ok_later = ~any_of(~is_first & ~fired) if later_rule == "all" else any_of(~is_first & fired)
     return eligible, eligible & ~bad_first & ok_later
 
 

@@ -214,7 +214,7 @@ class FeatureMechanism(Heuristic):
         Column("n_tested", "INTEGER", "held-out positions (odd sequences) of the causal tests"),
         Column("necessity", "FLOAT", "share of held-out positions losing >= 50% of the activation when the top "
                "source's token is replaced (NULL: untested)"),
-        Column("necessity_control", "FLOAT", "the same, a random other source position replaced"),
+        Column("necessity_control", "FLOAT", "the same, a random other source position at or before it replaced"),
         Column("median_drop", "FLOAT", "median fraction of the activation the top-source substitution removes "
                "(negative: it rises)"),
         Column("validated", "BOOLEAN", "n_tested >= min_tested and necessity >= 0.6"),

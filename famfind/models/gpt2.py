@@ -267,8 +267,8 @@ class HFGPT2Model:
                 + self.sd[f"h.{lyr}.attn.c_attn.bias"]
             q, k, v = (t.view(E, S, H, dh).transpose(1, 2) for t in qkv.split(self.cfg.d_model, dim=-1))
             kc, vc = cache[lyr]
-            K = torch.zeros(E, H, Kmax, dh, device=x.device)
-            V = torch.zeros(E, H, Kmax, dh, device=x.device)
+            K = torch.empty(E, H, Kmax, dh, device=x.device)  # keys past a span are masked out of the scores
+            V = torch.zeros(E, H, Kmax, dh, device=x.device)  # values there get weight 0: they must be finite
             m = min(P, Kmax)
             K[:, :, :m], V[:, :, :m] = kc[rows, :, :m], vc[rows, :, :m]
             K.scatter_(2, idx, k)
