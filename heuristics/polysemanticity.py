@@ -7,15 +7,20 @@ inspection depth) with the highest head attribution (:mod:`famfind.heuristics.at
 each take a *role*: their primary family (the family in which they have the highest
 confidence, ties by family name: the ``families.is_primary`` rule) or none. Then:
 
-- *monosemantic*: at least ``share`` (0.8) of the top features hold the same family;
-- *polysemantic*: at least two families each hold at least ``min_members`` (2) of them;
-- *unresolved*: neither, i.e. most top features are in no family, so families cannot say
-  whether the head has one role (an LLM label of each feature would be needed).
+- *monosemantic*: at least ``share`` (0.8) of the top features hold the same role;
+- *polysemantic*: not monosemantic, and at least ``min_members`` (2) of the top features hold
+  roles other than the commonest one (two families of >= 2 each, or one family and several
+  features of other roles);
+- *unresolved*: neither, i.e. the top features that are not in the commonest role are mostly
+  in no family, so families cannot say whether the head has one role (an LLM label of each
+  feature would be needed).
 
-A feature's role is its primary behaviour or proxy family; a feature in none takes its
-mechanism family (``feature_mechanism``: class and top head, validated by substitution), so a
-head whose top features all read the previous token through it is monosemantic, one whose top
-features read the previous token, short-range and long-range sources is polysemantic.
+A feature's role is its primary behaviour or proxy family; a feature in none takes the class of
+its mechanism family (``feature_mechanism``, validated by substitution: ``previous_token``,
+``short_range``, ...; the class, not the family name with its head, so a previous-token
+behaviour family and the previous-token mechanism class are one role). A head whose top
+features all read the previous token is monosemantic; one whose top features read the previous
+token, short-range and long-range sources is polysemantic.
 
 Head-loading clusters are not used: they group features by the heads they load on, so a
 head's top features share its cluster by construction.
@@ -67,9 +72,10 @@ def head_verdict(roles: list[str | None], share: float = 0.8, min_members: int =
     """``monosemantic`` / ``polysemantic`` / ``unresolved`` for one head's top features' roles
     (see the module doc)."""
     fams = Counter(r for r in roles if r is not None)
-    if roles and fams and fams.most_common(1)[0][1] >= share * len(roles):
+    top = fams.most_common(1)[0][1] if fams else 0
+    if roles and fams and top >= share * len(roles):
         return "monosemantic"
-    if sum(1 for c in fams.values() if c >= min_members) >= 2:
+    if sum(fams.values()) - top >= min_members:
         return "polysemantic"
     return "unresolved"
 
@@ -78,7 +84,7 @@ def head_verdict(roles: list[str | None], share: float = 0.8, min_members: int =
 class PolysemanticityOptions(Options):
     top_n: int = 10  # the paper's inspection depth
     share: float = 0.8  # of the top features in one family: monosemantic
-    min_members: int = 2  # features a family needs among the top to count toward polysemantic
+    min_members: int = 2  # top features outside the commonest role a polysemantic head needs
 
 
 @dataclass(frozen=True)
@@ -96,7 +102,7 @@ class HeadPolysemanticity(Output):
 
 class HeadPolysemanticityCheck(Heuristic):
     id = "head_polysemanticity"
-    version = "0.1"
+    version = "0.2"
     needs = "activations"
     produces = HeadPolysemanticity
     requires = (HeadAttributionMatrix, ContextFamilies, MechanismRecords, *FAMILY_TYPES)
@@ -107,7 +113,7 @@ class HeadPolysemanticityCheck(Heuristic):
         Column("n_top", "INTEGER", "live features inspected (the top_n by head attribution)"),
         Column("families", "VARCHAR[]", "distinct primary families among them"),
         Column("top_features", "INTEGER[]", "the features, most attributed first"),
-        Column("top_roles", "VARCHAR[]", "each one's primary family, else its mechanism family ('' = none)"),
+        Column("top_roles", "VARCHAR[]", "each one's primary family, else its mechanism class ('' = none)"),
     ), "per head: the roles of its most attributed live features, and whether they share one"),)
     description = "Per head: monosemantic, polysemantic or unresolved from its top features' families"
     Options = PolysemanticityOptions
@@ -117,8 +123,9 @@ class HeadPolysemanticityCheck(Heuristic):
         att = ctx.output(HeadAttributionMatrix).attribution  # [d_sae, n_heads]
         F, H = att.shape
         roles = primary_roles(family_outcomes(ctx), F)
-        mech = ctx.output(MechanismRecords).family
-        roles = [r or mech[f] or None for f, r in enumerate(roles)]  # behaviour / proxy first, then mechanism
+        mech = ctx.output(MechanismRecords)
+        roles = [r or (mech.classes[int(mech.mechanism[f])] if mech.family[f] else None)  # behaviour / proxy first
+                 for f, r in enumerate(roles)]
         live = ~ctx.stats.dead
         verdict, top_roles, rows = {}, {}, []
         for h in range(H):

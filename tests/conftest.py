@@ -31,18 +31,26 @@ def planted_scan(planted_paths, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def default_scan(tmp_path_factory):
-    """(db path, scan_id) of one scan of the embedded default on its first 100k eval tokens
-    (shared by the HTML and labelling tests; copy the file before writing to it)."""
+def default_scan_result(tmp_path_factory):
+    """(ScanResult, db path, scan_id) of the one scan of the embedded default a test run makes:
+    both SAEs, every built-in detector, its first 128k eval tokens (1,000 sequences; shared by
+    the default, HTML, labelling and report tests; copy the file before writing to it)."""
+    from famfind.config import ScanConfig
     from famfind.corpus import default_sae
     from famfind.frames import write_scan
-    from famfind.config import ScanConfig
     from famfind.runner import run_scan
 
     if not (default_sae(1) / "cfg.json").exists():
         pytest.skip("embedded default artefacts are not built")
+    res = run_scan(ScanConfig(max_tokens=128_000))
     db = tmp_path_factory.mktemp("default_scan") / "default.duckdb"
-    return db, write_scan(db, run_scan(ScanConfig(max_tokens=100_000)))
+    return res, db, write_scan(db, res)
+
+
+@pytest.fixture(scope="session")
+def default_scan(default_scan_result):
+    """(db path, scan_id) of :func:`default_scan_result`."""
+    return default_scan_result[1:]
 
 
 @pytest.fixture(scope="session")

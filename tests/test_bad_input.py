@@ -689,6 +689,7 @@ class LockIt(Heuristic):
 '''
 
 
+@pytest.mark.heavy  # slow end-to-end: .ci/run runs it after the README's command (-m heavy)
 def test_a_lock_taken_mid_scan_is_waited_for_then_the_scan_is_saved(scan_args, tmp_path, stored, runner):
     plugin = tmp_path / "lock_it.py"
     plugin.write_text(LOCK_DURING_SCAN)

@@ -72,20 +72,16 @@ def test_l0_on_a_slice(model, sae):
     assert 5 <= l0 <= 40, l0
 
 
-def test_scan_runs_end_to_end_and_reports_what_it_finds(tmp_path):
+def test_scan_runs_end_to_end_and_reports_what_it_finds(default_scan_result):
     """Every built-in detector runs on the real default and writes its rows."""
-    from famfind.frames import write_scan
-    from famfind.config import ScanConfig
-    from famfind.runner import run_scan
-
     import duckdb
 
-    res = run_scan(ScanConfig(max_tokens=200_000))  # both layers' SAEs
+    res, db, sid = default_scan_result  # the test run's one scan of the default: both SAEs, 128k tokens
+    assert sid == 1
     assert [u.id for u in res.saes] == ["blocks.0.attn.hook_z", "blocks.1.attn.hook_z"]
     assert all(r.status == "ok" for r in res.runs), [(r.id, r.sae, r.error) for r in res.runs if r.status != "ok"]
     assert len(res.sae(1).runs) >= 19  # every built-in detector, on each SAE
-    assert write_scan(tmp_path / "d.duckdb", res) == 1
-    con = duckdb.connect(str(tmp_path / "d.duckdb"), read_only=True)
+    con = duckdb.connect(str(db), read_only=True)
     fams = set(con.execute("SELECT layer, family FROM validation WHERE test <> 'necessity'").fetchall())
     # a head-role family is validated only where its layer has such a head: previous-token heads in
     # layer 0, induction heads in layer 1; no successor, name-mover or duplicate-token head in either
@@ -101,18 +97,13 @@ def test_scan_runs_end_to_end_and_reports_what_it_finds(tmp_path):
     con.close()
     beh = res.output(InductionBehaviourRates, sae=1)
     assert int((beh.n_sequences > 0).sum()) > 100  # the behaviour test reached many features
-    assert res.sae(1).ctx.stats.n_tokens == res.sae(0).ctx.stats.n_tokens == 200_000 // 128 * 128
+    assert res.sae(1).ctx.stats.n_tokens == res.sae(0).ctx.stats.n_tokens == 128_000
 
 
-def test_scan_finds_the_induction_family(tmp_path):
-    from famfind.frames import write_scan
-    from famfind.config import ScanConfig
-    from famfind.runner import run_scan
-
-    res = run_scan(ScanConfig(sae=str(default_sae(1)), max_tokens=300_000))
-    assert write_scan(tmp_path / "d.duckdb", res) == 1
-    fam = res.output(InductionFamily)
-    passed = res.output(InductionBehaviourRates).passed
+def test_scan_finds_the_induction_family(default_scan_result):
+    res = default_scan_result[0]  # the layer-1 SAE of the shared scan
+    fam = res.output(InductionFamily, sae=1)
+    passed = res.output(InductionBehaviourRates, sae=1).passed
     assert res.output(HeadRoleScores).induction_heads, "no induction head found"
     sel, ctrl = fam.selected, fam.control
     assert int((sel & passed).sum()) >= 1 and int(ctrl.sum()) >= 1

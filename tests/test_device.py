@@ -40,6 +40,7 @@ def induction_scans(planted_paths):
             for ac in ("none", "bf16", "fp16")}
 
 
+@pytest.mark.heavy  # slow end-to-end: .ci/run runs it after the README's command (-m heavy)
 @pytest.mark.parametrize("autocast", ["bf16", "fp16"])
 def test_autocast_pass_finds_the_planted_families_of_fp32(induction_scans, planted_paths, autocast):
     from famfind.activations import PassState, activation_pass

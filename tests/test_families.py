@@ -38,12 +38,16 @@ def families_scan(tmp_path_factory):
 
     paths = pf.build_all(tmp_path_factory.mktemp("planted_families"))
     # smaller synthetic samples than the defaults, to keep CI fast on 2 cores
-    opts = {"long_prefix_features": {"control_size": 40, "n_seqs": 8, "filler": 10},
-            "long_prefix_heads": {"n_seqs": 32, "filler": 10},
+    opts = {"long_prefix_features": {"control_size": 40, "n_seqs": 8, "filler": 10, "max_prefix": 6},
+            "long_prefix_heads": {"n_seqs": 32, "filler": 10, "max_prefix": 6},
             "induction_ablation": {"n_sequences": 128},
             "previous_token_features": {"control_size": 60, "n_prompts": 12},
             "duplicate_token_features": {"control_size": 60, "n_prompts": 12},
-            "name_mover_heads": {"n_per_template": 8}}
+            "name_mover_heads": {"n_per_template": 8},
+            "previous_token_ablation": {"n_sequences": 128},
+            "rdfa": {"n_examples": 1, "n_sources": 2},
+            "source_samples": {"n_uniform": 4, "n_held_out": 4},
+            "feature_mechanism": {"n_windows": 2, "n_pool": 8}}
     # the high-level planted features' hypothesis comes as a user's proxy file (--proxy)
     proxies = (str(Path(__file__).parent / "planted_proxies.py"),)
     result = run_scan(ScanConfig(sae=str(paths["sae"]), corpus=str(paths["corpus"]), seq_len=64,

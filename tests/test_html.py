@@ -83,6 +83,7 @@ def test_readme_cross_layer_query_runs_on_the_default(default_scan):
     assert rows and all(r[1] in layer0 for r in rows)
 
 
+@pytest.mark.heavy  # slow end-to-end: .ci/run runs it after the README's command (-m heavy)
 def test_24k_feature_report_stays_small_and_opens_far_pages(planted_paths, tmp_path):
     """A GPT-2-small-width SAE (24,576 live features) on the planted model: the main page
     stays far under 5 MB, every card is in its page file, and Chromium opens the first and a

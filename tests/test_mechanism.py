@@ -86,7 +86,7 @@ def test_families_carry_their_test_and_gate(mech):
         "SELECT head, verdict, top_roles FROM head_polysemanticity ORDER BY head").fetchall()}
     # a head's most attributed features take their behaviour family, else their mechanism family; the
     # positional features of head 0.4 have neither (not validated), so that head stays unresolved
-    assert poly[2][1][:6] == ["short_range_via_0.2"] * 6 and poly[1][1][:6] == ["previous_token"] * 6
+    assert poly[2][1][:6] == ["short_range"] * 6 and poly[1][1][:6] == ["previous_token"] * 6
     assert poly[4][1][:4] == [""] * 4 and poly[4][0] == "unresolved"
     con.close()
 

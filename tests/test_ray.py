@@ -16,6 +16,8 @@ import torch
 
 from cli_util import one_line
 
+pytestmark = pytest.mark.heavy  # a local Ray cluster per test: .ci/run runs these after the README's command
+
 ray = pytest.importorskip("ray", reason="ray is in the test extra: pip install -e '.[test]'")
 KILLER = Path(__file__).parent / "ray_kill_plugin.py"
 ROWS = {"families": "sae, family, feature", "validation": "sae, family",

@@ -21,9 +21,11 @@ def one_and_three():
     from famfind.config import ScanConfig
     from famfind.runner import run_scan
 
-    # dfa_head reads only the first 40k positions: the cut falls inside the first shard
-    opts = {"dfa_head": {"max_tokens": 40_000}}
-    return [run_scan(ScanConfig(max_tokens=120_000, shards=n, detector_options=opts)) for n in (1, 3)]
+    # dfa_head reads only the first 40k positions: the cut falls inside the first shard; the
+    # mechanism records' causal tests run on smaller samples (their shard equality: test_mechanism)
+    opts = {"dfa_head": {"max_tokens": 40_000}, "source_samples": {"n_held_out": 8},
+            "feature_mechanism": {"n_windows": 2, "n_pool": 8}}
+    return [run_scan(ScanConfig(max_tokens=96_000, shards=n, detector_options=opts)) for n in (1, 3)]
 
 
 @pytest.mark.parametrize("layer", [0, 1])

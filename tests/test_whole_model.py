@@ -108,6 +108,7 @@ def test_head_verdict_rule():
     assert head_verdict(["induction"] * 8 + [None] * 2) == "monosemantic"
     assert head_verdict(["induction"] * 4 + ["successor"] * 3 + [None] * 3) == "polysemantic"
     assert head_verdict(["induction"] * 7 + ["successor"] * 1 + [None] * 2) == "unresolved"
+    assert head_verdict(["previous_token"] * 6 + ["induction", "successor", "long_range", "mixed"]) == "polysemantic"
     assert head_verdict([None] * 10) == "unresolved"
     assert head_verdict([]) == "unresolved"
 
