@@ -10,6 +10,7 @@ detector's stored summary and read access to the scan's rows.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -53,16 +54,79 @@ class Section:
             add(r, out.setdefault(r["feature"], {}))
         return out
 
-    def table(self, title: str, columns: Iterable[str], rows: Iterable[Iterable[str]]) -> None:
-        t = Table(title=Text(title))
-        for c in columns:
-            t.add_column(Text(c))
-        for r in rows:
-            t.add_row(*[Text(str(v)) for v in r])
-        self.console.print(t)
+    def table(self, title: str, columns: Iterable[str], rows: Iterable[Iterable[str]], keys: int = 1) -> None:
+        """Print a table that fits the console (:func:`fit_table`; the first ``keys`` columns
+        name a row and repeat in every part when it is stacked)."""
+        fit_table(self.console, title, columns, rows, keys)
 
     def line(self, text: str) -> None:
-        self.console.print(Text(text))
+        self.console.print(Text(visible(text)))
+
+
+def visible(s: str) -> str:
+    """Stored text on one terminal line, literally: newline -> ``↵``, tab -> ``→``, any other
+    control character (an escape code, a carriage return) as ``\\xNN``, so no stored string can
+    move the cursor, colour the terminal or break a table's layout."""
+    out = s.replace("\n", "↵").replace("\t", "→")
+    return "".join(c if c.isprintable() or c in "↵→" else f"\\x{ord(c):02x}" for c in out)
+
+
+NUMBER_RE = re.compile(r"^[-+]?(\d[\d,]*(\.\d+)?([eE][-+]?\d+)?%?|nan|inf|-|NULL)$")
+TEXT_MIN = 12  # narrowest a text column gets; longer words fold onto the next line
+KEY_MIN = 24  # a key column (what names a row: a family, a head) folds only words longer than this
+
+
+def _width(cells: list[str], header: str, key: bool = False) -> tuple[int, bool]:
+    """``(the narrowest width that cuts nothing, numeric)`` of a column: numbers and header words
+    never break; text may wrap at word boundaries and fold words longer than :data:`TEXT_MIN`
+    (:data:`KEY_MIN` in a key column, which names the row and should read in one piece)."""
+    numeric = all(NUMBER_RE.match(c.strip()) for c in cells if c.strip())
+    head = max((len(w) for w in header.split()), default=1)
+    if numeric:
+        return max([head, *(len(c) for c in cells)]), True
+    longest = max((len(w) for c in cells for line in c.splitlines() for w in line.split()), default=1)
+    return max(head, min(longest, KEY_MIN if key else TEXT_MIN)), False
+
+
+def fit_table(console: Console, title: str, columns: Iterable[str], rows: Iterable[Iterable], keys: int = 1) -> None:
+    """Print ``rows`` under ``columns`` within ``console.width`` (80 in a pipe) without cutting a
+    header or a number: every column is at least as wide as its longest header word and, if it
+    holds numbers, its longest number (text wraps at word boundaries and folds longer words).
+    When the columns do not fit side by side the table is *stacked*: printed in parts, each
+    repeating the first ``keys`` columns (what names a row) and taking the next columns that
+    fit, so no column is dropped. Cells are printed literally (never as rich markup)."""
+    cols = [visible(str(c)) for c in columns]
+    body = [["" if v is None else visible(str(v)) for v in r] for r in rows]
+    keys = min(keys, len(cols))
+    widths = [_width([r[i] for r in body], c, i < keys) for i, c in enumerate(cols)]
+    room = console.width - 1  # the left border; each column adds 1 padding on each side and a border
+    parts, cur = [], []
+    used = sum(widths[i][0] + 3 for i in range(keys))
+    for i in range(keys, len(cols)):
+        w = widths[i][0] + 3
+        if cur and used + w > room:
+            parts.append(cur)
+            cur, used = [], sum(widths[j][0] + 3 for j in range(keys))
+        cur.append(i)
+        used += w
+    parts.append(cur)
+    for n, part in enumerate(parts):
+        idx = [*range(keys), *part]
+        fixed = {i: widths[i][0] for i in idx}
+        spare = room - sum(w + 3 for w in fixed.values())
+        for i in idx:  # text columns take what is left, up to their longest line
+            if not widths[i][1] and spare > 0:
+                natural = max([len(cols[i]), *(len(line) for r in body for line in r[i].splitlines())])
+                extra = min(spare, max(0, natural - fixed[i]))
+                fixed[i] += extra
+                spare -= extra
+        console.print(Text(title + (f" ({n + 1}/{len(parts)})" if len(parts) > 1 else ""), style="bold"))
+        t = Table()
+        for i in idx:
+            t.add_column(Text(cols[i]), width=fixed[i], overflow="fold", justify="right" if widths[i][1] else "left")
+        for r in body:
+            t.add_row(*[Text(r[i], overflow="fold") for i in idx])
+        console.print(t)
 
 
 def sections(con, scan_id: int, console: Console | None = None, sae: str | None = None):

@@ -18,16 +18,9 @@ from rich.text import Text
 from famfind.activations import WINDOW
 from famfind.db import table_exists
 from famfind.errors import FamfindError
-from famfind.reports import rows as _rows, scan_saes
+from famfind.reports import rows as _rows, scan_saes, visible
 
 BAR = 20  # characters of a full bar
-
-
-def visible(s: str) -> str:
-    """A token's or context's text on one line: newline -> ``↵``, tab -> ``→``, other control
-    characters as ``\\xNN``."""
-    out = s.replace("\n", "↵").replace("\r", "").replace("\t", "→")
-    return "".join(c if c.isprintable() or c in "↵→" else f"\\x{ord(c):02x}" for c in out)
 
 
 def resolve_sae(con, scan_id: int, sae: str) -> dict:

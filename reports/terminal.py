@@ -45,19 +45,27 @@ def render(con, scan_id: int, console: Console) -> None:
                   ("head", *metrics),
                   [(f"{lyr}.{h}", *[f"{ms.get(m, float('nan')):.3f}" for m in metrics]) for (lyr, h), ms in by.items()])
 
-    vals = _q(con, "SELECT layer, family, selected, passed, control, control_passed, ablation_tested, ablation_off "
-                   "FROM validation WHERE scan_id = ? ORDER BY layer, sae, family", scan_id)
+    vals = _q(con, "SELECT layer, family, test, selected, passed, control, control_passed, ablation_tested, "
+                   "ablation_off FROM validation WHERE scan_id = ? AND test <> 'necessity' ORDER BY layer, sae, family",
+              scan_id)
     if vals:
         fmt = lambda v: "-" if v is None else str(v)  # noqa: E731
-        out.table("Family validation (per SAE layer; a head-role family is tested where its layer has such a head)",
-                  ("layer", "family", "selected", "passed behaviour", "control", "control passed",
+        out.table("Family validation: behaviour and proxy families (per SAE layer; a head-role family is tested "
+                  "where its layer has such a head)",
+                  ("layer", "family", "test", "selected", "passed", "control", "control passed",
                    "ablation tested", "turned off by ablation"),
-                  [[fmt(v) for v in row] for row in vals])
+                  [[fmt(v) for v in row] for row in vals], keys=2)
+    mech = _q(con, "SELECT layer, count(*) FILTER (WHERE passed > 0 AND control_passed <= 0.1 * passed), sum(selected), "
+                   "sum(passed), sum(control_passed) FROM validation WHERE scan_id = ? AND test = 'necessity' "
+                   "GROUP BY layer ORDER BY layer", scan_id)
+    for lyr, n, sel, passed, ctl in mech:
+        out.line(f"layer {lyr}: {n} mechanism families (necessity tests, by class and head): {passed:,} of {sel:,} "
+                 f"tested records validated, control passed by {ctl:,} (the mechanism section below lists them)")
 
     for u in saes:
         live = _q(con, "SELECT count(*) FROM features WHERE scan_id = ? AND sae = ? AND NOT dead", scan_id, u["sae"])[0][0]
         fams = _q(con, "SELECT family, any_value(test), count(DISTINCT feature) FROM families WHERE scan_id = ? "
-                       "AND sae = ? GROUP BY family ORDER BY 3 DESC, 1", scan_id, u["sae"])
+                       "AND sae = ? AND test <> 'necessity' GROUP BY family ORDER BY 3 DESC, 1", scan_id, u["sae"])
         primary = dict(_q(con, "SELECT family, count(*) FROM families WHERE scan_id = ? AND sae = ? AND is_primary "
                                "GROUP BY 1", scan_id, u["sae"]))
 
@@ -65,16 +73,20 @@ def render(con, scan_id: int, console: Console) -> None:
             return _q(con, f"SELECT count(DISTINCT feature) FROM families WHERE scan_id = ? AND sae = ? AND {where}",
                       scan_id, u["sae"])[0][0]
 
-        kinds = [("behaviour or proxy", covered("test <> 'necessity'")), ("necessity (mechanism)",
-                                                                          covered("test = 'necessity'")),
-                 ("any family", covered("true"))]
+        n_mech = _q(con, "SELECT count(DISTINCT family) FROM families WHERE scan_id = ? AND sae = ? AND "
+                         "test = 'necessity'", scan_id, u["sae"])[0][0]
+        mech_primary = _q(con, "SELECT count(*) FROM families WHERE scan_id = ? AND sae = ? AND is_primary AND "
+                               "test = 'necessity'", scan_id, u["sae"])[0][0]
+        kinds = [("(in a behaviour or proxy family)", covered("test <> 'necessity'")),
+                 ("(in a mechanism family)", covered("test = 'necessity'")), ("(in any family)", covered("true"))]
         pct = lambda n: f"{n / max(live, 1):.1%}"  # noqa: E731
         out.table(f"{u['sae']}: family coverage of {live:,} live features "
                   "(paper: induction ~5% of live features in gelu-2l)",
                   ("family", "test", "features", "share of live", "primary family of"),
                   [(fam, test or "-", str(n), pct(n), str(primary.get(fam, 0))) for fam, test, n in fams]
-                  + [(f"(in a {k} family)" if k != "any family" else "(in any family)", "-", str(n), pct(n), "-")
-                     for k, n in kinds]
+                  + ([(f"({n_mech} mechanism families)", "necessity", str(kinds[1][1]), pct(kinds[1][1]),
+                       str(mech_primary))] if n_mech else [])
+                  + [(k, "-", str(n), pct(n), "-") for k, n in kinds]
                   + [("(no family)", "-", str(live - kinds[2][1]), pct(live - kinds[2][1]), "-")])
 
     for cls, sec in sections(con, scan_id, console):

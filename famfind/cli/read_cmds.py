@@ -10,9 +10,13 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.table import Table as RTable
+from rich.text import Text
 
 from famfind.cli.app import DbOpt, HookOpt, _line, app, guarded, heur_app
 from famfind.errors import FamfindError
+
+WIDE = 240  # columns of `famfind report --wide`: the widest built-in table fits side by side
 
 
 @app.command()
@@ -55,15 +59,11 @@ def sql(
         w.writerow(cols)
         w.writerows(rows)
     else:
-        from rich.table import Table
-        from rich.text import Text
+        from famfind.reports import fit_table
 
-        t = Table()  # stored text (and column names) printed literally, never as markup
-        for c in cols:
-            t.add_column(Text(c))
-        for r in rows:
-            t.add_row(*[Text("NULL" if v is None else str(v)) for v in r])
-        Console().print(t)
+        # printed literally, never as markup; a table wider than the terminal is stacked, not cut
+        fit_table(Console(), f"{len(rows):,} row{'s' * (len(rows) != 1)}", cols,
+                  [["NULL" if v is None else v for v in r] for r in rows])
 
 
 @app.command()
@@ -72,10 +72,17 @@ def report(
     db: DbOpt = Path("famfind.duckdb"),
     scan_id: Annotated[Optional[int], typer.Option(help="Scan to report (default: the latest).")] = None,
     html: Annotated[Optional[Path], typer.Option(help="Also write a self-contained HTML report here.")] = None,
+    wide: Annotated[bool, typer.Option("--wide", help=f"Print at {WIDE} columns: no table is stacked.")] = False,
+    columns: Annotated[Optional[int], typer.Option(min=40, help="Print at this width (default: the terminal's, "
+                                                   "80 in a pipe); a table wider than it is stacked in parts.")] = None,
 ):
     """Print the terminal report of a stored scan (and, with --html, write the HTML one).
 
+    Tables fit the width: one whose columns do not fit side by side is printed in parts, each
+    repeating the columns that name a row; no header or number is cut.
+
     Example: famfind report --db famfind.duckdb --scan-id 1 --html report.html
+    Example: famfind report --wide | less -S
     """
     from famfind.db import connect, resolve_scan_id
     from famfind.reports.terminal import render
@@ -83,7 +90,7 @@ def report(
     con = connect(db, read_only=True)
     try:
         sid = resolve_scan_id(con, db, scan_id)
-        render(con, sid, Console())
+        render(con, sid, Console(width=WIDE if wide else columns))
         if html is not None:
             from famfind.reports.html import render_html
 
@@ -125,35 +132,38 @@ def heuristics_list(
     plugin: Annotated[Optional[list[Path]], typer.Option(help="Also load this local plugin file.")] = None,
     skip: Annotated[Optional[list[str]], typer.Option(help="Show these ids as disabled.")] = None,
 ):
-    """List installed detectors: id, version, needs, what they produce and require (typed
-    outputs), their tables, origin, enabled.
+    """List installed detectors, one block each: id, version, needs, enabled, origin, then what
+    they produce and require (typed outputs), their tables and what they do.
 
     Example: famfind heuristics list --plugin my_detector.py
     """
-    from rich.table import Table
-    from rich.text import Text
-
     from famfind.registry import default_registry
 
     reg = default_registry(plugin or ())
-    t = Table()
-    t.add_column("id", no_wrap=True)
-    for c in ("version", "needs", "produces", "requires", "tables"):
-        t.add_column(c)
-    t.add_column("origin", overflow="fold")
-    t.add_column("enabled")
-    t.add_column("description", ratio=1)
+    console = Console()
     for hid in reg.ids():
         e = reg.get(hid)
         c = e.cls
-        t.add_row(hid, c.version, c.needs if c.scope == "sae" else f"{c.needs} (once per model)",
-                  c.produces.__name__ if c.produces else "-",
-                  ", ".join(r.__name__ for r in c.requires) or "-",
-                  ", ".join(x.name for x in (*c.tables, *c.views)) or "-", Text(e.origin),
-                  "no" if hid in (skip or ()) else "yes", Text(c.description))
+        line = Text(hid, style="bold")
+        line.append(f" {c.version}  needs {c.needs}{' (once per model)' if c.scope == 'model' else ''}  "
+                    f"{'disabled (--skip)' if hid in (skip or ()) else 'enabled'}  from ")
+        line.append(e.origin)
+        console.print(line)
+        grid = RTable.grid(padding=(0, 1))  # values wrap in their own column
+        grid.add_column(no_wrap=True)
+        grid.add_column(overflow="fold")
+        for label, value in (("produces", c.produces.__name__ if c.produces else "-"),
+                             ("requires", ", ".join(r.__name__ for r in c.requires) or "-"),
+                             ("tables", ", ".join(x.name for x in (*c.tables, *c.views)) or "-"),
+                             ("what", c.description or "-")):
+            grid.add_row(Text(f"  {label}"), Text(value))
+        console.print(grid)
     for e in reg.errors:
-        t.add_row("?", "-", "-", "-", "-", "-", Text(e.origin), Text("failed to load", style="red"), Text(e.error))
-    Console().print(t)
+        line = Text("? ", style="bold")
+        line.append(e.origin)
+        line.append(" failed to load: ", style="red")
+        line.append(e.error)
+        console.print(line)
 
 
 @app.command()
@@ -183,9 +193,6 @@ def inspect(
     if as_json:
         typer.echo(json.dumps(rows, indent=1))
         return
-    from rich.table import Table as RTable
-    from rich.text import Text
-
     for r in rows:
         t = RTable(title=Text(r["path"]), show_header=False)
         t.add_column("field")
@@ -234,19 +241,24 @@ def tables(
     if markdown:
         typer.echo(md(all_tables, views))
         return
-    from rich.table import Table as RTable
-    from rich.text import Text
-
-    t = RTable()
-    for c in ("table", "declared by", "column", "type", "doc"):
-        t.add_column(c)
+    console = Console()
     for tab in all_tables:
+        head = Text(tab.name, style="bold")
+        head.append(f"  (declared by {reg.table_owner(tab.name) or 'core'}): ")
+        head.append(tab.doc)
+        console.print(head)
         cols = ([] if not tab.per_scan else [("scan_id", "INTEGER", "the scan (scans.scan_id)")]) + \
             [(c.name, c.type, c.doc) for c in tab.columns]
-        for i, (n, ty, doc) in enumerate(cols):
-            t.add_row(Text(tab.name if i == 0 else ""), Text((reg.table_owner(tab.name) or "core") if i == 0 else ""),
-                      Text(n), Text(ty), Text(doc))
+        grid = RTable.grid(padding=(0, 1))  # the doc wraps in its own column, under itself
+        grid.add_column(no_wrap=True)
+        grid.add_column(overflow="fold")
+        for n, ty, doc in cols:
+            grid.add_row(Text(f"  {n} {ty}"), Text(doc))
+        console.print(grid)
     for v in views:
-        t.add_row(Text(v.name + " (view)"), Text(reg.table_owner(v.name) or ""), Text("-"), Text("-"), Text(v.doc))
-    Console().print(t)
+        head = Text(f"{v.name} (view)", style="bold")
+        head.append(f"  (declared by {reg.table_owner(v.name) or 'core'}): ")
+        head.append(v.doc)
+        console.print(head)
+
 
