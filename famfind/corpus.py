@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from famfind.errors import FamfindError
+from famfind.errors import FamfindError, reading
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
 EOT = "<|endoftext|>"
@@ -154,15 +154,16 @@ def load_corpus(path: str | Path | None, tokenizer, seq_len: int, max_tokens: in
         raise FamfindError(p, "file not found")
     if max_tokens is not None and max_tokens < 1:
         raise FamfindError("max_tokens", f"must be a positive number of tokens, got {max_tokens}")
-    if p.suffix == ".npy":
-        stream = _read_npy_tokens(p)
-        docs = _read_docs_json(p)
-    else:
-        named = _read_named_texts(p)  # the file's own problems first
-        if tokenizer is None:
-            raise FamfindError(p, "text corpus given but the model has no tokenizer")
-        stream = tokenize_texts([t for _, t in named], tokenizer)
-        docs = [m for m, _ in named]
+    with reading(p, "it as a corpus"):
+        if p.suffix == ".npy":
+            stream = _read_npy_tokens(p)
+            docs = _read_docs_json(p)
+        else:
+            named = _read_named_texts(p)  # the file's own problems first
+            if tokenizer is None:
+                raise FamfindError(p, "text corpus given but the model has no tokenizer")
+            stream = tokenize_texts([t for _, t in named], tokenizer)
+            docs = [m for m, _ in named]
     if max_tokens is not None:
         stream = stream[:max_tokens]
     n_seq = stream.size // seq_len

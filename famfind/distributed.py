@@ -17,7 +17,13 @@ A detector that raises inside a task is recorded as failed, as in one process.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import pickle
+import socket
+import sys
+import tempfile
+import threading
 from typing import Callable
 
 import torch
@@ -32,6 +38,7 @@ from famfind.proxies import default_proxies
 from famfind.registry import default_registry
 
 MAX_RETRIES = 3  # re-runs of a shard whose worker died
+CONNECT_TIMEOUT = 30.0  # seconds before an address that does not answer as a Ray cluster is an error
 
 
 def _ray():
@@ -42,17 +49,70 @@ def _ray():
     return ray
 
 
+def _answers(address: str, timeout: float) -> str | None:
+    """Why nothing listens at a ``host:port`` (or ``ray://host:port``) address, or ``None`` when
+    a TCP connection opens within ``timeout`` seconds."""
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return "not a host:port address"
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """File descriptor 2 sent to a temporary file for the duration (Ray's C++ core logs there
+    directly); yields a function returning what was written."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield lambda: (tmp.seek(0), tmp.read().decode(errors="replace"))[1]
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def connect(address: str):
     """Connect to the Ray cluster at ``address`` (``"auto"``: the running one, or a new local
     one when none runs); a no-op when this process is already connected. Returns ``ray``.
-    Raises ``FamfindError`` without ray installed or when the address cannot be reached."""
+    Raises ``FamfindError`` without ray installed, or within about :data:`CONNECT_TIMEOUT`
+    seconds when no Ray cluster answers at the address (one line naming it; Ray's own log
+    lines are kept off the terminal)."""
     ray = _ray()
-    if not ray.is_initialized():
+    if ray.is_initialized():
+        return ray
+    if address != "auto":
+        why = _answers(address, CONNECT_TIMEOUT / 3)
+        if why:
+            raise FamfindError("--ray", f"no Ray cluster answered at {address!r} ({why})")
+    failed: list[BaseException] = []
+
+    def init():
         try:
             ray.init(address=None if address == "auto" else address, include_dashboard=False,
                      log_to_driver=False, configure_logging=False)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise FamfindError("--ray", f"cannot connect to Ray at {address!r}: {str(e).splitlines()[0]}") from None
+        except BaseException as e:  # noqa: BLE001 - ray raises many types for an address that is not a cluster
+            failed.append(e)
+
+    with _quiet_stderr() as logged:
+        # in a daemon thread: a port that accepts connections but is no Ray cluster makes ray.init wait forever
+        t = threading.Thread(target=init, daemon=True)
+        t.start()
+        t.join(CONNECT_TIMEOUT)
+        log = logged().strip().splitlines()
+    if t.is_alive():
+        raise FamfindError("--ray", f"no Ray cluster answered at {address!r} within {CONNECT_TIMEOUT:g} s")
+    if failed:
+        e = failed[0]
+        last = (str(e).splitlines() or [""])[0] or (log or [type(e).__name__])[-1]
+        raise FamfindError("--ray", f"no Ray cluster answered at {address!r} ({last[:160]})") from None
     return ray
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 
 class FamfindError(Exception):
     """Bad input or a runtime failure the CLI reports as one line, exit code 1.
@@ -21,3 +23,17 @@ class DatabaseLocked(FamfindError):
 class Interrupted(Exception):
     """Ctrl-C, reported truthfully: the message says what was and was not written. The CLI
     prints ``famfind: interrupted; <message>`` and exits 130."""
+
+
+@contextmanager
+def reading(where, what: str):
+    """Within the block, any error a library raises (safetensors, tokenizers, transformers,
+    numpy, torch, pyarrow, ...) becomes one line naming ``where``: ``FamfindError(where,
+    f"cannot read {what} (Type: first line)")``. ``FamfindError`` and Ctrl-C pass through."""
+    try:
+        yield
+    except (FamfindError, KeyboardInterrupt, Interrupted):
+        raise
+    except Exception as e:  # noqa: BLE001 - a loader's libraries raise many types
+        msg = str(e).splitlines()[0][:160] if str(e) else ""
+        raise FamfindError(where, f"cannot read {what} ({type(e).__name__}{': ' + msg if msg else ''})") from None

@@ -29,7 +29,7 @@ from typing import Protocol
 
 import torch
 
-from famfind.errors import FamfindError
+from famfind.errors import FamfindError, reading
 from famfind.validation import KissaneCfg, SAELensCfg, validated
 
 SAELENS_CFG = "cfg.json"
@@ -350,6 +350,10 @@ class DictionaryLearningLoader:
         common = dict(hook_name=NO_HOOK, path=str(path), cfg_path=str(beside if beside.exists() else path),
                       cfg={"format": self.name, **cfg}, model_name=trainer.get("lm_name"))
         sd = dict(sd)
+        if "W_enc" in sd and "threshold" not in sd:  # W_enc/W_dec/b_enc/b_dec: Kissane's names, not JumpRelu's
+            raise FamfindError(path, f"holds W_enc, W_dec, b_enc, b_dec like a Kissane-format SAE, but its config "
+                               f"{path.stem}_cfg.json is missing beside it (and it is not a dictionary_learning "
+                               "JumpReluAutoEncoder: no 'threshold')")
         if "W_enc" in sd:  # JumpReluAutoEncoder
             return SAE(W_enc=sd["W_enc"], W_dec=_need(sd, "W_dec", path, "tensor"),
                        b_enc=_need(sd, "b_enc", path, "tensor"), b_dec=_need(sd, "b_dec", path, "tensor"),
@@ -423,7 +427,8 @@ def load_sae(path: str | Path, hook: str | None = None) -> SAE:
     """
     p = Path(path)
     name = detect_format(p)
-    sae = next(ld for ld in LOADERS if ld.name == name).load(p)
+    with reading(p, f"it as a {name} SAE"):
+        sae = next(ld for ld in LOADERS if ld.name == name).load(p)
     if hook is not None:
         _check_hook(hook, "--hook")
         if sae.hook_name == NO_HOOK:

@@ -100,6 +100,79 @@ def test_bad_sae(runner, planted_paths, tmp_path, seq64, case):
     assert not db.exists()
 
 
+def _kissane(tmp, cfg: bool, garbage: bool = False) -> Path:
+    """A Kissane-format ``sae.pt`` (W_enc, W_dec, b_enc, b_dec), with or without ``sae_cfg.json``."""
+    p = tmp / "k" / "sae.pt"
+    p.parent.mkdir()
+    if garbage:
+        p.write_bytes(b"PK\x03\x04 not a torch zip")
+    else:
+        torch.save({"W_enc": torch.zeros(256, 8), "W_dec": torch.zeros(8, 256), "b_enc": torch.zeros(8),
+                    "b_dec": torch.zeros(256)}, p)
+    if cfg:
+        (p.parent / "sae_cfg.json").write_text(json.dumps({"act_name": "z", "layer": 1, "act_size": 256, "dict_size": 8}))
+    return p
+
+
+def _sparsify_garbage(tmp) -> Path:
+    d = tmp / "sp"
+    d.mkdir()
+    (d / "cfg.json").write_text(json.dumps({"num_latents": 8, "k": 2, "d_in": 256}))
+    (d / "sae.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{oops}")
+    return d
+
+
+LOADER_CASES = {  # each loader that can raise from a third-party library: one line naming the file
+    "kissane_pt_without_its_cfg": (lambda t: _kissane(t, cfg=False), ["sae.pt", "sae_cfg.json is missing"]),
+    "kissane_pt_garbage": (lambda t: _kissane(t, cfg=True, garbage=True), ["sae.pt", "torch file"]),
+    "gemma_scope_npz_garbage": (lambda t: ((t / "params.npz").write_bytes(b"PK\x03\x04garbage"), t / "params.npz")[1],
+                                ["params.npz", "cannot read it as a gemma-scope-npz SAE", "BadZipFile"]),
+    "sparsify_weights_garbage": (_sparsify_garbage, ["sae.safetensors"]),
+}
+
+
+@pytest.mark.parametrize("case", LOADER_CASES)
+def test_sae_loader_errors_name_their_file(runner, planted_paths, tmp_path, seq64, case):
+    make, needles = LOADER_CASES[case]
+    path = make(tmp_path)
+    db = tmp_path / "x.duckdb"
+    r = runner.invoke(app, ["scan", str(path), "--corpus", str(planted_paths["corpus"]), "--config", seq64,
+                            "--hook", "blocks.1.attn.hook_z", "--model", str(planted_paths["model"]), "--db", str(db),
+                            *FAST])
+    check(r, 1, *needles)
+    assert not db.exists()
+
+
+def test_a_tokenizer_transformers_cannot_load_names_its_file(runner, planted_paths, tmp_path):
+    """A bare tokenizer.json beside a Gemma config: transformers picks GemmaTokenizerFast, which
+    needs ``<unk>``; the error names the tokenizer file and its folder."""
+    transformers = pytest.importorskip("transformers", reason="transformers is in the [test] extra")
+    pytest.importorskip("transformer_lens.model_bridge", reason="the bridge needs TransformerLens >= 3.9")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    d = tmp_path / "gemma2"
+    cfg = transformers.Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                    max_position_embeddings=64)
+    transformers.Gemma2ForCausalLM(cfg).save_pretrained(d)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(64)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(d / "tokenizer.json"))
+    db = tmp_path / "x.duckdb"
+    r = runner.invoke(app, ["scan", str(planted_paths["sae_l0"]), "--model", str(d), "--corpus",
+                            str(planted_paths["corpus"]), "--db", str(db), *FAST])
+    check(r, 1, str(d / "tokenizer.json"), "cannot be loaded by transformers", "<unk>")
+    assert not db.exists()
+
+
+def test_a_corrupt_parquet_corpus_names_its_file(runner, planted_paths, tmp_path, seq64):
+    p = tmp_path / "c.parquet"
+    p.write_bytes(b"PAR1 this is not parquet PAR1")
+    r = runner.invoke(app, ["scan", str(planted_paths["sae"]), "--corpus", str(p), "--config", seq64,
+                            "--db", str(tmp_path / "x.duckdb"), *FAST])
+    check(r, 1, "c.parquet")
+
+
 # --- model and tokenizer --------------------------------------------------------------------
 
 def _model_with(tmp, planted, cfg=None, weights=None, tokenizer=None) -> Path:
@@ -271,12 +344,30 @@ def test_other_option_errors(runner, planted_paths, tmp_path, seq64):
     cfg.write_text("[scan]\nseq_len = 65\n")
     check(runner.invoke(app, [*base, "--config", str(cfg), *FAST]), 1, "seq_len", "n_ctx=64")
     check(runner.invoke(app, [*base, "--config", seq64, "--device", "tpu", *FAST]), 1, "device", "'tpu'", "cpu, cuda")
-    check(runner.invoke(app, [*base, "--config", seq64, "--autocast", "fp8", *FAST]), 1, "autocast", "'bf16'")
-    check(runner.invoke(app, [*base, "--config", seq64, "--model-backend", "tl5", *FAST]), 1, "model_backend", "'bridge'")
+    # a choice among fixed values is a usage error (exit 2), like a negative --max-tokens
+    check(runner.invoke(app, [*base, "--config", seq64, "--autocast", "fp8", *FAST]), 2, "--autocast", "'fp8'", "'bf16'")
+    check(runner.invoke(app, [*base, "--config", seq64, "--model-backend", "tl5", *FAST]), 2, "--model-backend",
+          "'bridge'")
+    bad = tmp_path / "fp8.toml"  # in a --config file it is bad input in that file (exit 1, naming it)
+    bad.write_text("[scan]\nseq_len = 64\nautocast = \"fp8\"\n")
+    check(runner.invoke(app, [*base, "--config", str(bad), *FAST]), 1, "fp8.toml", "autocast", "'bf16'")
     if not torch.cuda.is_available():
         check(runner.invoke(app, [*base, "--config", seq64, "--device", "cuda", *FAST]), 1, "device", "no CUDA GPU")
     check(runner.invoke(app, ["sql", "SELECT 1", "--json", "--csv"]), 2, "--json and --csv are exclusive")
     check(runner.invoke(app, ["label", "--features", "x", "--db", str(db)]), 1, "database not found")
+    assert not db.exists()
+
+
+def test_a_ray_address_where_no_cluster_answers_fails_fast(planted_paths, seq64, tmp_path):
+    """``--ray HOST:PORT`` with nothing there: one line naming the address within ~30 s (Ray's
+    own log lines kept off the terminal), exit 1, nothing written."""
+    pytest.importorskip("ray", reason="ray is in the test extra: pip install '.[test]'")
+    db = tmp_path / "r.duckdb"
+    t0 = time.time()
+    code, out, err = finish(famfind_proc(["scan", str(planted_paths["sae"]), "--corpus", str(planted_paths["corpus"]),
+                                          "--config", seq64, "--db", str(db), "--ray", "127.0.0.1:1", *FAST]))
+    assert code == 1 and time.time() - t0 < 30
+    one_line(err, out, "--ray", "no Ray cluster answered at '127.0.0.1:1'")
     assert not db.exists()
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import tomllib
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -16,6 +17,18 @@ from famfind.cli.app import (LLM_PANEL, BaseUrlOpt, ConcOpt, DbOpt, FeaturesOpt,
                              app, err, guarded)
 from famfind.errors import FamfindError, Interrupted
 from famfind.llm import LLMConfig
+
+
+class Autocast(str, Enum):  # a choice: another value is a usage error (exit 2)
+    none = "none"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Backend(str, Enum):
+    auto = "auto"
+    famfind = "famfind"
+    bridge = "bridge"
 
 
 def _read_config(path: Optional[Path]) -> dict:
@@ -68,11 +81,11 @@ def scan(
     max_tokens: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N corpus tokens.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N or auto (cuda when torch sees a GPU). "
                                                   "Default: cpu.")] = None,
-    model_backend: Annotated[Optional[str], typer.Option(help=_literal("auto (famfind's own forward for GPT-2 "
-                                                         "checkpoints, TransformerLens's TransformerBridge for other "
-                                                         "architectures; needs famfind[tl]), famfind or bridge."))] = None,
-    autocast: Annotated[Optional[str], typer.Option(help="Run the activation pass's model forward in bf16 or "
-                                                    "fp16 (the SAE encode stays fp32); none by default.")] = None,
+    model_backend: Annotated[Optional[Backend], typer.Option(help=_literal(
+        "auto (famfind's own forward for GPT-2 checkpoints, TransformerLens's TransformerBridge for other "
+        "architectures; needs famfind[tl]), famfind or bridge."))] = None,
+    autocast: Annotated[Optional[Autocast], typer.Option(help="Run the activation pass's model forward in bf16 or "
+                                                         "fp16 (the SAE encode stays fp32); none by default.")] = None,
     ray: Annotated[Optional[str], typer.Option(help=_literal("Shard the activation pass over a Ray cluster: auto "
                                                "(the running one, else a local one) or its ADDRESS. Needs famfind[ray]."))] = None,
     config: Annotated[Optional[Path], typer.Option(help=_literal(
@@ -122,11 +135,16 @@ def scan(
     cli = {"sae": tuple(sae or ()), "model": model, "corpus": corpus, "max_tokens": max_tokens,
            "select": tuple(select or ()), "skip": tuple(skip or ()),
            "plugins": tuple(str(p) for p in plugin or ()), "proxies": tuple(str(p) for p in proxy or ()),
-           "strict_plugins": strict_plugins or None, "device": device, "autocast": autocast, "ray": ray,
-           "hook": hook, "model_backend": model_backend}
+           "strict_plugins": strict_plugins or None, "device": device, "ray": ray, "hook": hook,
+           "autocast": autocast.value if autocast else None,
+           "model_backend": model_backend.value if model_backend else None}
     base.update({k: v for k, v in cli.items() if v not in (None, ())})
     scan_cfg = ScanConfig.from_dict({**base, "sae": base.get("sae") or (), "detector_options": det_opts})
     resolve_device(scan_cfg.device)  # an unknown or missing device fails now, not inside the scan
+    if scan_cfg.ray:  # so does a Ray address where no cluster answers (and it joins the cluster now)
+        from famfind.distributed import connect as ray_connect
+
+        ray_connect(scan_cfg.ray)
     check_writable(db)  # a locked or unwritable database fails now, not after the scan
     reg = default_registry(scan_cfg.plugins, scan_cfg.strict_plugins)
     for e in reg.errors:

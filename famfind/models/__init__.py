@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from famfind.errors import FamfindError
+from famfind.errors import FamfindError, reading
 from famfind.models.base import AttnModel
 from famfind.models.bridge import BridgeModel, bridge_class
 from famfind.models.gpt2 import HFGPT2Model
@@ -33,9 +33,10 @@ def load_model(spec: str | Path, device: str = "cpu", backend: str = "auto") -> 
     if backend not in BACKENDS:
         raise FamfindError(p, f"unknown model backend {backend!r}; use {', '.join(BACKENDS)}")
     if p.is_dir():
-        if backend == "bridge" or (backend == "auto" and _model_type(p) not in (None, "gpt2")):
-            return BridgeModel(p, device)
-        return HFGPT2Model(p, device)
+        with reading(p, "it as a model checkpoint"):
+            if backend == "bridge" or (backend == "auto" and _model_type(p) not in (None, "gpt2")):
+                return BridgeModel(p, device)
+            return HFGPT2Model(p, device)
     if p.exists():
         raise FamfindError(p, "a model must be a checkpoint directory or a TransformerLens model name")
     try:

@@ -22,6 +22,36 @@ def bridge_class():
     return TransformerBridge
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _check_tokenizer(p: Path) -> None:
+    """Load a checkpoint folder's tokenizer the way the bridge will (transformers'
+    ``AutoTokenizer``); raises ``FamfindError`` naming the tokenizer file and the folder when it
+    cannot (e.g. a bare ``tokenizer.json`` beside a Gemma config: transformers picks
+    GemmaTokenizerFast, which needs an ``<unk>`` token)."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        return
+    import contextlib
+    import io
+    import warnings
+
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            AutoTokenizer.from_pretrained(str(p)).encode("a")  # the bridge encodes a test string at boot
+    except Exception as e:  # tokenizers and transformers raise bare Exceptions here
+        files = [f for f in TOKENIZER_FILES if (p / f).exists()]
+        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        where = p / files[0] if files else p
+        raise FamfindError(where, f"the tokenizer of {p} cannot be loaded by transformers ({msg}); files there: "
+                           f"{', '.join(files) or 'none'} (a bare tokenizer.json may need its tokenizer_config.json "
+                           "beside it, naming the tokenizer class and its special tokens)") from None
+
+
 class BridgeModel(TLModel):
     """A local Hugging Face checkpoint of any architecture TransformerLens's
     ``TransformerBridge`` supports (GPT-NeoX/Pythia, Llama, Gemma-2, ... and GPT-2), booted
@@ -53,6 +83,8 @@ class BridgeModel(TLModel):
         import logging
         import warnings
 
+        if p.is_dir():
+            _check_tokenizer(p)
         try:
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                 warnings.simplefilter("ignore")
