@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from rich.console import Console
@@ -127,6 +128,53 @@ def fit_table(console: Console, title: str, columns: Iterable[str], rows: Iterab
         for r in body:
             t.add_row(*[Text(r[i], overflow="fold") for i in idx])
         console.print(t)
+
+
+def display_path(path: str) -> str:
+    """A path as a report shows it: inside the embedded default as ``famfind/data/default/...``,
+    under the working directory relative to it, else as stored."""
+    from famfind.corpus import default_dir
+
+    p = Path(path)
+    for base, shown in ((default_dir(), Path("famfind/data/default")), (Path.cwd(), Path("."))):
+        try:
+            return str(shown / p.resolve().relative_to(base.resolve()))
+        except (ValueError, OSError):
+            continue
+    return path
+
+
+@dataclass
+class Coverage:
+    """Family coverage of one SAE's ``live`` features: ``families`` ``[(family, test, features,
+    primary family of)]`` (behaviour and proxy families), the ``n_mechanism`` mechanism families
+    as one row (``mechanism_features``, ``mechanism_primary``), and features in a behaviour or
+    proxy family, in a mechanism family, in any family."""
+
+    live: int
+    families: list[tuple[str, str, int, int]]
+    n_mechanism: int
+    mechanism_features: int
+    mechanism_primary: int
+    behaviour_or_proxy: int
+    any_family: int
+
+
+def coverage(con, scan_id: int, sae: str) -> Coverage:
+    """:class:`Coverage` of SAE ``sae`` of the scan, from the core tables."""
+    def one(sql: str) -> int:
+        return con.execute(sql, [scan_id, sae]).fetchone()[0] or 0
+
+    where = "FROM families WHERE scan_id = ? AND sae = ?"
+    fams = con.execute(f"SELECT family, any_value(test), count(DISTINCT feature), count(*) FILTER (WHERE is_primary) "
+                       f"{where} AND test <> 'necessity' GROUP BY family ORDER BY 3 DESC, 1", [scan_id, sae]).fetchall()
+    return Coverage(one("SELECT count(*) FROM features WHERE scan_id = ? AND sae = ? AND NOT dead"),
+                    [(f, t or "-", n, p) for f, t, n, p in fams],
+                    one(f"SELECT count(DISTINCT family) {where} AND test = 'necessity'"),
+                    one(f"SELECT count(DISTINCT feature) {where} AND test = 'necessity'"),
+                    one(f"SELECT count(*) {where} AND test = 'necessity' AND is_primary"),
+                    one(f"SELECT count(DISTINCT feature) {where} AND test <> 'necessity'"),
+                    one(f"SELECT count(DISTINCT feature) {where}"))
 
 
 def sections(con, scan_id: int, console: Console | None = None, sae: str | None = None):

@@ -23,24 +23,26 @@ import json
 from pathlib import Path
 
 from famfind.db import table_exists
-from famfind.reports import rows as _rows, scan_saes, sections
+from famfind.reports import coverage, display_path, rows as _rows, scan_saes, sections
 
 TEMPLATES = Path(__file__).parent / "templates"
 
 
 def report_data(con, scan_id: int, max_features: int | None = None, sae: str | None = None) -> dict:
     """The report's JSON for SAE ``sae`` of the scan (default: its first): scan (with that
-    SAE's hook, d_sae, L0, dead fraction), validation (every SAE's), heads, labels, one entry
+    SAE's hook, d_sae, L0, dead fraction), family coverage of its live features, validation
+    (every SAE's behaviour and proxy families, this SAE's mechanism families), heads, labels, one entry
     per live feature of the SAE (card), and what each detector that ran on it adds (its
     ``html_part``: card fields and top-level keys). Raises ``KeyError`` for an unknown SAE."""
     scan = _rows(con, "SELECT * EXCLUDE (config) FROM scans WHERE scan_id = ?", scan_id)[0]
     scan = {k: (str(v) if k == "created_at" else v) for k, v in scan.items()}
+    scan["model"], scan["corpus"] = display_path(scan["model"]), display_path(scan["corpus"])
     saes = scan_saes(con, scan_id)
     unit = saes[0] if sae is None else next((u for u in saes if u["sae"] == sae), None)
     if unit is None:
         raise KeyError(f"scan {scan_id} has no SAE {sae!r}; it has {[u['sae'] for u in saes]}")
     sae = unit["sae"]
-    scan.update({"sae": sae, "sae_path": unit["path"], "hook_name": unit["hook_name"], "layer": unit["layer"],
+    scan.update({"sae": sae, "sae_path": display_path(unit["path"]), "hook_name": unit["hook_name"], "layer": unit["layer"],
                  "architecture": unit["architecture"], "d_sae": unit["d_sae"], "l0": unit["l0"],
                  "dead_fraction": unit["dead_fraction"]})
     feats = {r["feature"]: {**r, **_card_defaults()}
@@ -96,10 +98,26 @@ def report_data(con, scan_id: int, max_features: int | None = None, sae: str | N
                 f["cluster_label"] = cl[str(f["cluster"])]
     heads = _rows(con, "SELECT layer, head, metric, round(any_value(score), 3) AS score FROM heads WHERE scan_id = ? "
                        "GROUP BY ALL ORDER BY layer, head, metric", scan_id)
+    cov = coverage(con, scan_id, sae)
+    pct = lambda n: round(n / max(cov.live, 1), 4)  # noqa: E731
+    coverage_rows = [{"family": f, "test": t, "features": n, "share of live": pct(n), "primary family of": p}
+                     for f, t, n, p in cov.families]
+    if cov.n_mechanism:
+        coverage_rows.append({"family": f"({cov.n_mechanism} mechanism families)", "test": "necessity",
+                              "features": cov.mechanism_features, "share of live": pct(cov.mechanism_features),
+                              "primary family of": cov.mechanism_primary})
+    coverage_rows += [{"family": k, "test": "-", "features": n, "share of live": pct(n), "primary family of": "-"}
+                      for k, n in (("(in a behaviour or proxy family)", cov.behaviour_or_proxy),
+                                   ("(in a mechanism family)", cov.mechanism_features),
+                                   ("(in any family)", cov.any_family), ("(no family)", cov.live - cov.any_family))]
     return {
         "scan": scan,
-        "validation": _rows(con, "SELECT * EXCLUDE (scan_id) FROM validation WHERE scan_id = ? "
-                                 "ORDER BY layer, sae, family", scan_id),
+        "coverage": coverage_rows,
+        "live": cov.live,
+        # every SAE's behaviour and proxy families, then this SAE's mechanism families
+        "validation": _rows(con, "SELECT * EXCLUDE (scan_id) FROM validation WHERE scan_id = ? AND (test IS DISTINCT "
+                                 "FROM 'necessity' OR sae = ?) ORDER BY test = 'necessity', layer, sae, family",
+                            scan_id, sae),
         "saes": [u["sae"] for u in saes],
         "heads": heads,
         "n_heads": max((len(f["att"]) for f in feats.values()), default=0),

@@ -14,7 +14,7 @@ from rich.panel import Panel
 from rich.text import Text
 
 from famfind.db import table_exists
-from famfind.reports import Section, scan_saes, sections
+from famfind.reports import Section, coverage, display_path, scan_saes, sections
 
 
 def _q(con, sql, *args):
@@ -28,9 +28,10 @@ def render(con, scan_id: int, console: Console) -> None:
     (model, n_tok, secs, corpus) = _q(con, "SELECT model, n_tokens, seconds, corpus FROM scans WHERE scan_id = ?",
                                       scan_id)[0]
     saes = scan_saes(con, scan_id)
-    lines = [f"scan {scan_id}  model {model}", f"corpus {corpus}: {n_tok:,} tokens  ({secs:.1f}s)"]
+    lines = [f"scan {scan_id}  model {display_path(model)}",
+             f"corpus {display_path(corpus)}: {n_tok:,} tokens  ({secs:.1f}s)"]
     lines += [f"{u['sae']}  {u['architecture']} SAE, d_sae {u['d_sae']}  L0 {u['l0']:.1f}  "
-              f"dead {u['dead_fraction']:.1%}  {u['path']}" for u in saes]
+              f"dead {u['dead_fraction']:.1%}  {display_path(u['path'])}" for u in saes]
     console.print(Panel.fit(Text("\n".join(lines)), title="famfind scan"))
     out = Section(con, scan_id, "", {}, console)
 
@@ -63,31 +64,19 @@ def render(con, scan_id: int, console: Console) -> None:
                  f"tested records validated, control passed by {ctl:,} (the mechanism section below lists them)")
 
     for u in saes:
-        live = _q(con, "SELECT count(*) FROM features WHERE scan_id = ? AND sae = ? AND NOT dead", scan_id, u["sae"])[0][0]
-        fams = _q(con, "SELECT family, any_value(test), count(DISTINCT feature) FROM families WHERE scan_id = ? "
-                       "AND sae = ? AND test <> 'necessity' GROUP BY family ORDER BY 3 DESC, 1", scan_id, u["sae"])
-        primary = dict(_q(con, "SELECT family, count(*) FROM families WHERE scan_id = ? AND sae = ? AND is_primary "
-                               "GROUP BY 1", scan_id, u["sae"]))
-
-        def covered(where: str) -> int:
-            return _q(con, f"SELECT count(DISTINCT feature) FROM families WHERE scan_id = ? AND sae = ? AND {where}",
-                      scan_id, u["sae"])[0][0]
-
-        n_mech = _q(con, "SELECT count(DISTINCT family) FROM families WHERE scan_id = ? AND sae = ? AND "
-                         "test = 'necessity'", scan_id, u["sae"])[0][0]
-        mech_primary = _q(con, "SELECT count(*) FROM families WHERE scan_id = ? AND sae = ? AND is_primary AND "
-                               "test = 'necessity'", scan_id, u["sae"])[0][0]
-        kinds = [("(in a behaviour or proxy family)", covered("test <> 'necessity'")),
-                 ("(in a mechanism family)", covered("test = 'necessity'")), ("(in any family)", covered("true"))]
-        pct = lambda n: f"{n / max(live, 1):.1%}"  # noqa: E731
-        out.table(f"{u['sae']}: family coverage of {live:,} live features "
+        c = coverage(con, scan_id, u["sae"])
+        pct = lambda n: f"{n / max(c.live, 1):.1%}"  # noqa: E731
+        rows = [(fam, test, str(n), pct(n), str(p)) for fam, test, n, p in c.families]
+        if c.n_mechanism:
+            rows.append((f"({c.n_mechanism} mechanism families)", "necessity", str(c.mechanism_features),
+                         pct(c.mechanism_features), str(c.mechanism_primary)))
+        rows += [(k, "-", str(n), pct(n), "-") for k, n in (
+            ("(in a behaviour or proxy family)", c.behaviour_or_proxy), ("(in a mechanism family)",
+                                                                         c.mechanism_features),
+            ("(in any family)", c.any_family), ("(no family)", c.live - c.any_family))]
+        out.table(f"{u['sae']}: family coverage of {c.live:,} live features "
                   "(paper: induction ~5% of live features in gelu-2l)",
-                  ("family", "test", "features", "share of live", "primary family of"),
-                  [(fam, test or "-", str(n), pct(n), str(primary.get(fam, 0))) for fam, test, n in fams]
-                  + ([(f"({n_mech} mechanism families)", "necessity", str(kinds[1][1]), pct(kinds[1][1]),
-                       str(mech_primary))] if n_mech else [])
-                  + [(k, "-", str(n), pct(n), "-") for k, n in kinds]
-                  + [("(no family)", "-", str(live - kinds[2][1]), pct(live - kinds[2][1]), "-")])
+                  ("family", "test", "features", "share of live", "primary family of"), rows)
 
     for cls, sec in sections(con, scan_id, console):
         if cls is not None:

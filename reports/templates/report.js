@@ -21,6 +21,8 @@
     el.innerHTML = "<tr>" + cols.map((c) => `<th>${esc(c)}</th>`).join("") + "</tr>" +
       rows.map((r) => "<tr>" + cols.map((c) => `<td>${esc(fmt(r[c]))}</td>`).join("") + "</tr>").join("");
   }
+  $("n-live").textContent = (D.live || 0).toLocaleString();
+  table($("coverage"), (D.coverage || []).map((r) => ({...r, "share of live": `${(100 * r["share of live"]).toFixed(1)}%`})));
   table($("validation"), D.validation);
   if (D.labels.length) table($("labels"), D.labels); else $("labels-section").hidden = true;
   const byHead = {};
@@ -154,7 +156,9 @@
     }
     if (mine !== drawing) return;  // a newer draw() superseded this one
     $("cards").innerHTML = shown.map((pos) => card(CARDS[chunkOf(pos)][pos % PER])).join("");
+    if (hf && shown.length === 1 && !scrolled) { scrolled = true; $("cards").scrollIntoView(); }  // a link to one card
   }
+  let scrolled = false;
   const hp = /^#p=(\d+)$/.exec(location.hash), hf = /^#(\d+)$/.exec(location.hash);
   if (hf) $("search").value = hf[1];  // a link to one feature's card
   if (hp) page = Math.max(0, Number(hp[1]) - 1);  // a link to one page of cards
