@@ -53,6 +53,21 @@ class ActivationBatch:
         in row-major order; computed once per batch and shared by every observer."""
         return torch.nonzero(self.acts > 0, as_tuple=True)
 
+    @cached_property
+    def firing_acts(self) -> torch.Tensor:
+        """``[n_fired]`` float32: the activation of each entry of :attr:`firing`."""
+        b, t, f = self.firing
+        return self.acts[b, t, f].float()
+
+    def firing_keys(self, seed: int) -> torch.Tensor:
+        """``[n_fired]``: :func:`position_keys` of each entry of :attr:`firing` (corpus sequence,
+        position, feature) under ``seed``, computed once per batch and seed for every sampler."""
+        cache = self.__dict__.setdefault("_keys", {})
+        if seed not in cache:
+            b, t, f = self.firing
+            cache[seed] = position_keys(seed, b + self.start, t, f)
+        return cache[seed]
+
     @property
     def start(self) -> int:
         """Corpus row of the batch's first sequence (batches are contiguous row ranges)."""
@@ -149,7 +164,7 @@ class Counts:
         """O(fired entries): reads ``batch.firing``, never the dense ``[tokens, d_sae]`` matrix
         (only the mean hook_z reads every position)."""
         b, t, f = batch.firing
-        v = batch.acts[b, t, f]
+        v = batch.firing_acts
         self.fire += torch.bincount(f, minlength=self.fire.numel())
         self.asum.index_add_(0, f, v.double())
         self.amax.scatter_reduce_(0, f, v.float(), reduce="amax")
@@ -176,7 +191,7 @@ class Histogram:
 
     def update(self, batch: ActivationBatch) -> None:
         b, t, f = batch.firing
-        self.count.index_add_(0, f * self.nb + torch.bucketize(batch.acts[b, t, f], self.edges), torch.ones_like(f))
+        self.count.index_add_(0, f * self.nb + torch.bucketize(batch.firing_acts, self.edges), torch.ones_like(f))
 
     def merge(self, o: Histogram) -> None:
         self.count += o.count.to(self.count.device)
@@ -288,7 +303,7 @@ class TopK:
         b, t, f = batch.firing  # row-major: ascending batch position
         if f.numel() == 0:
             return
-        v = batch.acts[b, t, f].float()
+        v = batch.firing_acts
         keep, rank = self.slots.candidates(f, v)
         kb, kt, kf = b[keep], t[keep], f[keep]
         self.slots.fold(rank, kf, {"key": v[keep], "idx": (kb + batch.start) * self.T + kt,
@@ -316,11 +331,11 @@ class Reservoir:
         if not self.n:
             return
         b, t, f = batch.firing
-        key = position_keys(self.seed, b + batch.start, t, f)
+        key = batch.firing_keys(self.seed)
         keep, rank = self.slots.candidates(f, key)
         kb, kt, kf = b[keep], t[keep], f[keep]
         self.slots.fold(rank, kf, {"key": key[keep], "idx": (kb + batch.start) * self.T + kt,
-                                   "acts": batch.acts[kb, kt, kf].float(),
+                                   "acts": batch.firing_acts[keep],
                                    "win": window_acts(batch.acts.reshape(-1, batch.acts.shape[-1]), kb, kt, kf, self.T)})
 
     def merge(self, o: Reservoir) -> None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from famfind.activations import ActivationBatch, Slots, _mix32, position_keys
+from famfind.activations import ActivationBatch, Slots, _mix32
 
 PAIR_FLOATS = 1 << 22  # (position, feature) pairs x source positions held at once (16 MB)
 
@@ -60,9 +60,10 @@ def source_summary(pattern: torch.Tensor, v: torch.Tensor, W_enc: torch.Tensor, 
     ``pattern [batch, n_heads, pos, pos]`` and ``v [batch, pos, n_heads, d_head]`` of the SAE's
     layer, ``W_enc [n_heads*d_head, d_sae]``, ``b_dec [n_heads*d_head]`` or ``None`` (when the
     SAE does not subtract it), ``b/t/f [n]`` batch row, destination position and feature.
-    Per sequence of the batch, ``(v - b_dec) . W_enc`` is computed once for the features of its
-    pairs (one GEMM per head, ``O(pos * d_in * features)``), then each pair's ``[n_heads, pos]``
-    contribution, at most :data:`PAIR_FLOATS` / pos pairs at a time. Sources after ``t`` contribute 0 (causal pattern); the top
+    ``(v - b_dec) . W_enc`` is computed once per sequence for the features of its pairs (one
+    batched GEMM over sequences and heads, ``O(batch * pos * d_in * max features per
+    sequence)``), then each pair's ``[n_heads, pos]`` contribution, :data:`PAIR_FLOATS` /
+    (n_heads * pos) pairs at a time. Sources after ``t`` contribute 0 (causal pattern); the top
     sources are taken over every position, as ``dfa_source`` always has."""
     B, T, H, dh = v.shape
     n = b.numel()
@@ -74,27 +75,26 @@ def source_summary(pattern: torch.Tensor, v: torch.Tensor, W_enc: torch.Tensor, 
         return out
     Wb = W_enc.view(H, dh, -1)
     vv = v - b_dec.view(H, dh) if b_dec is not None else v  # [batch, src, H, dh]
-    order = torch.argsort(b * W_enc.shape[1] + f)  # by sequence, then feature
-    bo, fo = b[order], f[order]
-    rows, counts = torch.unique_consecutive(bo, return_counts=True)
-    ends = counts.cumsum(0).tolist()
-    src = torch.empty(min(n, max(1, PAIR_FLOATS // T)), T, device=dev)  # one block of pairs' [src] rows
-    lo = 0
-    for row, hi in zip(rows.tolist(), ends):
-        idx = order[lo:hi]
-        fs, inv = torch.unique_consecutive(fo[lo:hi], return_inverse=True)
-        vw = torch.einsum("shd,hdn->nhs", vv[row], Wb[:, :, fs])  # [features, H, src]: one GEMM per head
-        for c0 in range(0, hi - lo, src.shape[0]):
-            part = idx[c0:c0 + src.shape[0]]
-            c = pattern[row][:, t[part], :].transpose(0, 1) * vw[inv[c0:c0 + src.shape[0]]]  # [pairs, H, src]
-            out.head_val[part] = c.sum(-1)
-            m = part.numel()
-            torch.sum(c, 1, out=src[:m])
-            val, pos = src[:m].topk(S, dim=-1)
-            out.src_pos[part], out.src_val[part] = pos, val
-            out.total[part] = src[:m].sum(-1)
-            out.pos_total[part] = src[:m].clamp_min(0).sum(-1)
-        lo = hi
+    # the distinct (sequence, feature) pairs; each sequence's features in columns 0..F_b-1
+    key, inv = torch.unique(b * W_enc.shape[1] + f, return_inverse=True)
+    ub, uf = key // W_enc.shape[1], key % W_enc.shape[1]
+    col = torch.arange(key.numel(), device=dev) - torch.searchsorted(ub, ub)
+    Fmax = int(col.max()) + 1
+    Wsel = torch.zeros(B, H, dh, Fmax, device=dev)
+    Wsel[ub, :, :, col] = Wb[:, :, uf].permute(2, 0, 1)
+    # (v - b_dec) . W_enc for every sequence and its features: one batched GEMM per head
+    vw = torch.matmul(vv.permute(0, 2, 1, 3), Wsel).permute(0, 3, 1, 2).contiguous()  # [batch, F_b, H, src]
+    rows, cols = ub[inv], col[inv]
+    chunk = max(1, PAIR_FLOATS // (H * T))
+    for c0 in range(0, n, chunk):
+        sl = slice(c0, c0 + chunk)
+        c = pattern[b[sl], :, t[sl], :] * vw[rows[sl], cols[sl]]  # [pairs, H, src]
+        src = c.sum(1)  # [pairs, src]
+        val, pos = src.topk(S, dim=-1)
+        out.src_pos[sl], out.src_val[sl] = pos, val
+        out.total[sl] = src.sum(-1)
+        out.pos_total[sl] = src.clamp_min(0).sum(-1)
+        out.head_val[sl] = c.sum(-1)
     return out
 
 
@@ -156,7 +156,7 @@ class SourceSampler:
         b, t, f = batch.firing
         if f.numel() == 0:
             return
-        act = batch.acts[b, t, f].float()
+        act = batch.firing_acts
         seq = b + batch.start
         idx = seq * self.T + t
         odd = (seq % 2).bool()
@@ -166,12 +166,12 @@ class SourceSampler:
         picks["top"] = (sel, rank, act[sel])
         if self.uniform.k:
             ev = torch.nonzero(~odd).flatten()
-            key = position_keys(self.seed, seq[ev], t[ev], f[ev])
+            key = batch.firing_keys(self.seed)[ev]
             sel, rank = self.uniform.candidates(f[ev], key)
             picks["uniform"] = (ev[sel], rank, key[sel])
         if self.held_out.k:
             od = torch.nonzero(odd).flatten()
-            within = position_keys(self.seed + 1, seq[od], t[od], f[od])
+            within = batch.firing_keys(self.seed)[od]  # the order within a sequence; sequences by sequence_keys
             key = (sequence_keys(self.seed, seq[od]) << 31) | (within * (1 << 31)).long()
             keep = key <= self.held_out.worst()[f[od]]  # (candidates() filters too; the cap needs it first)
             od, within, key = od[keep], within[keep], key[keep]

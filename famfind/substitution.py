@@ -48,7 +48,7 @@ def run_edits(model, sae, tokens: torch.Tensor, e_seq: torch.Tensor, e_pos: torc
     cached = hasattr(model, "hook_z_spans") and hasattr(model, "prefix_cache")
     start = torch.where(e_pos >= 0, torch.minimum(e_pos, first), first) if cached else torch.zeros_like(first)
     length = last - start + 1
-    batches = _batches(used, e_seq, length, last, token_budget,
+    batches = _batches(used, e_seq, length, start, token_budget,
                        _seqs_per_cache(model, sae.layer, tokens.shape[1]) if cached else None)
     rank = torch.full((n_edits,), -1, dtype=torch.long)
     rank[torch.cat([b for _, b in batches])] = torch.arange(used.numel())
@@ -84,12 +84,13 @@ def _seqs_per_cache(model, layer: int, seq_len: int) -> int:
     return max(1, CACHE_FLOATS // ((layer + 1) * 2 * seq_len * model.cfg.d_model))
 
 
-def _batches(used: torch.Tensor, e_seq: torch.Tensor, length: torch.Tensor, last: torch.Tensor, budget: int,
+def _batches(used: torch.Tensor, e_seq: torch.Tensor, length: torch.Tensor, start: torch.Tensor, budget: int,
              seqs_per_chunk: int | None) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
     """``[(sequences of the chunk or None, edit ids)]``: with a prefix cache, the edits grouped
-    by chunks of ``seqs_per_chunk`` sequences (one cache each); within a chunk (or over all
-    edits, without a cache) sorted by length, then by last read (so a batch's edits attend to
-    similar key ranges), and cut so that edits x longest <= ``budget``."""
+    by chunks of ``seqs_per_chunk`` sequences (one cache each), each edit costing its length
+    plus the cached keys before it (``start``); without a cache, its length alone. Within a
+    group the edits are sorted by length, then start, and cut so that edits x (longest +
+    latest start) <= ``budget``."""
     if seqs_per_chunk is None:
         groups = [(None, used)]
     else:
@@ -100,13 +101,16 @@ def _batches(used: torch.Tensor, e_seq: torch.Tensor, length: torch.Tensor, last
             groups.append((chunk, used[torch.isin(e_seq[used], chunk)]))
     out = []
     for chunk, ids in groups:
-        ids = ids[torch.argsort(length[ids] * (int(last.max()) + 2) + last[ids], stable=True)]
-        ln = length[ids].tolist()
+        ids = ids[torch.argsort(length[ids] * (int(start.max()) + 2) + start[ids], stable=True)]
+        ln, st = length[ids].tolist(), start[ids].tolist()
         i = 0
         while i < len(ids):
-            j = min(len(ids), i + max(1, budget // ln[i]))
-            while j - i > 1 and (j - i) * ln[j - 1] > budget:
-                j = i + max(1, budget // ln[j - 1])
+            j, top_ln, top_st = i, 0, 0
+            while j < len(ids):
+                nl, ns = max(top_ln, ln[j]), max(top_st, st[j] if chunk is not None else 0)
+                if j > i and (j - i + 1) * (nl + ns) > budget:
+                    break
+                top_ln, top_st, j = nl, ns, j + 1
             out.append((chunk, ids[i:j]))
             i = j
     return out

@@ -1,6 +1,6 @@
 """Candidate families: what no detector explains, grouped and tested against the proxies.
 
-The live features in no family are clustered (k-means, scikit-learn) on a *signature* of four
+The live features in no family are clustered (k-means, :mod:`famfind.kmeans`) on a *signature* of four
 equally weighted blocks, each a distribution over a few bins:
 
 - head loading: head attribution over the layer's heads (``head_attribution``);
@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from famfind.heuristics.attribution import HeadAttributionMatrix, TopBoostedTokens
+from famfind.kmeans import kmeans
 from famfind.heuristics.context import ContextFamilies
 from famfind.heuristics.dfa import DFASourceStats
 from famfind.heuristics.polysemanticity import FAMILY_TYPES, family_outcomes
@@ -100,7 +101,7 @@ class CandidateFamiliesDetector(Heuristic):
     """Candidate families from the live features in no family (see the module docstring)."""
 
     id = "candidate_families"
-    version = "0.1"
+    version = "0.2"
     needs = "activations"
     produces = CandidateFamilies
     requires = (HeadAttributionMatrix, TopBoostedTokens, DFASourceStats, ProxyMarks, ProxyScores, ContextFamilies,
@@ -123,8 +124,6 @@ class CandidateFamiliesDetector(Heuristic):
     Options = CandidateOptions
 
     def run(self, ctx) -> Result:
-        from sklearn.cluster import KMeans
-
         o = self.options
         st = ctx.stats
         F = ctx.sae.d_sae
@@ -157,9 +156,10 @@ class CandidateFamiliesDetector(Heuristic):
         weights = [1.0, 1.0, 1.0, 0.5, 0.5]  # four signature parts; the token-class part has two halves
         X = torch.cat([b[pool] * w / max(b.shape[1], 1) ** 0.5 for b, w in zip(blocks, weights)], 1).numpy()
         k = int(min(max(round(n / o.features_per_cluster), 2), o.max_clusters, n))
-        km = KMeans(n_clusters=k, n_init=4, random_state=ctx.config.seed).fit(X)
-        lab = torch.from_numpy(km.labels_.astype(np.int64))
-        dist = torch.from_numpy(np.linalg.norm(X - km.cluster_centers_[km.labels_], axis=1))
+        fit = kmeans(torch.from_numpy(X.astype(np.float64)).to(ctx.config.device), k, 4, ctx.config.seed)
+        lab = fit.labels.cpu()
+        centers = fit.centers.cpu().numpy()
+        dist = torch.from_numpy(np.linalg.norm(X - centers[lab.numpy()], axis=1))
         cluster[pool] = lab
         base = torch.tensor(pm.base_rate, dtype=torch.float64)
         usable = (base > 0) & (base <= o.max_base_rate)

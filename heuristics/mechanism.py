@@ -77,7 +77,7 @@ class MechanismOptions(Options):
     control_ratio: float = 0.1  # family gate: control-passing share <= this x the validated share
     n_windows: int = 8  # sufficiency windows per feature (random, and in context)
     n_pool: int = 64  # held-out sequences the sufficiency windows come from
-    token_budget: int = 0  # positions per re-run forward; 0: the scan's batch_size x seq_len
+    token_budget: int = 0  # positions (plus cached keys) per re-run forward; 0: 2 x the scan's batch_size x seq_len
 
 
 @dataclass(frozen=True)
@@ -238,7 +238,7 @@ class FeatureMechanism(Heuristic):
         H = samp.top.head_val.shape[-1]
         live = ~st.dead
         rec = self._form(samp, tokens, F, H)
-        budget = o.token_budget or ctx.config.batch_size * T
+        budget = o.token_budget or 2 * ctx.config.batch_size * T
         unigram = tokens.reshape(-1)
         gen = ctx.generator
         in_set = _Membership(rec["src_sets"], F)

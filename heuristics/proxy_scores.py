@@ -244,7 +244,7 @@ class ProxyScoring(Heuristic):
         b, t, f = batch.firing
         if f.numel() == 0:
             return
-        v = batch.acts[b, t, f]
+        v = batch.firing_acts
         eh = half[b, t]
         hf = eh * F + f
         self.fire.view(-1).add_(torch.bincount(hf, minlength=2 * F))
@@ -256,10 +256,11 @@ class ProxyScoring(Heuristic):
             return
         fe = f[e]
         key = (eh[e] * P + p) * F + fe
-        self.fire_in.view(-1).add_(torch.bincount(key, minlength=2 * P * F))
+        # scatter-adds cost O(entries); a bincount to the full length would cost O(P x d_sae x bins) per batch
+        self.fire_in.view(-1).index_add_(0, key, torch.ones_like(key))
         self.mass_in.view(-1).index_add_(0, key, v[e].double())
         hkey = (p * F + fe) * NB + torch.bucketize(v[e], self.edges)
-        self.hist_in.view(-1).add_(torch.bincount(hkey, minlength=P * F * NB).int())
+        self.hist_in.view(-1).index_add_(0, hkey, torch.ones_like(hkey, dtype=torch.int32))
 
     def merge(self, other: "ProxyScoring") -> None:
         for k in ("n_pos", "n_in", "fire", "mass", "fire_in", "mass_in", "hist_in"):

@@ -258,22 +258,19 @@ class HFGPT2Model:
         H, dh = self.cfg.n_heads, self.cfg.d_head
         pos = starts[:, None] + torch.arange(S, device=spans.device)  # [E, S] absolute positions
         x = self.sd["wte.weight"][spans] + self.sd["wpe.weight"][pos.clamp_max(self.cfg.n_ctx - 1)]
-        Kmax = int(pos.max()) + 1
-        P = cache[0][0].shape[2]
-        keep = torch.arange(Kmax, device=spans.device)[None, None, :] <= pos[:, :, None]  # [E, S, Kmax]
-        idx = pos[:, None, :, None].expand(E, H, S, dh)
+        Pb = min(int(starts.max()), cache[0][0].shape[2])  # cached keys any edit of the batch reads
+        # keys: the clean prefix (valid before each edit's start), then the span's own (causal)
+        cached_ok = torch.arange(Pb, device=spans.device)[None, :] < starts[:, None]  # [E, Pb]
+        span_ok = torch.ones(S, S, dtype=torch.bool, device=spans.device).tril()  # [query, key]
+        keep = torch.cat([cached_ok[:, None, :].expand(E, S, Pb), span_ok[None].expand(E, S, S)], -1)[:, None]
         for lyr in range(layer + 1):
             qkv = self._ln(x, f"h.{lyr}.ln_1") @ self.sd[f"h.{lyr}.attn.c_attn.weight"] \
                 + self.sd[f"h.{lyr}.attn.c_attn.bias"]
             q, k, v = (t.view(E, S, H, dh).transpose(1, 2) for t in qkv.split(self.cfg.d_model, dim=-1))
             kc, vc = cache[lyr]
-            K = torch.empty(E, H, Kmax, dh, device=x.device)  # keys past a span are masked out of the scores
-            V = torch.zeros(E, H, Kmax, dh, device=x.device)  # values there get weight 0: they must be finite
-            m = min(P, Kmax)
-            K[:, :, :m], V[:, :, :m] = kc[rows, :, :m], vc[rows, :, :m]
-            K.scatter_(2, idx, k)
-            V.scatter_(2, idx, v)
-            scores = (q @ K.transpose(-1, -2) / math.sqrt(dh)).masked_fill(~keep[:, None], float("-inf"))
+            K = torch.cat([kc[rows, :, :Pb], k], 2)  # [E, H, Pb + S, dh]
+            V = torch.cat([vc[rows, :, :Pb], v], 2)
+            scores = (q @ K.transpose(-1, -2) / math.sqrt(dh)).masked_fill(~keep, float("-inf"))
             z = (scores.softmax(-1) @ V).transpose(1, 2)  # [E, S, H, dh]
             if lyr == layer:
                 return z
