@@ -93,6 +93,20 @@ def connect(address: str):
         if why:
             raise FamfindError("--ray", f"no Ray cluster answered at {address!r} ({why})")
     failed: list[BaseException] = []
+    if address == "auto" and not os.environ.get("RAY_ADDRESS"):
+        # may start a local cluster: in this thread, since Ray starts the GCS and raylet with
+        # PR_SET_PDEATHSIG, which kills them when the *thread* that started them ends
+        with _quiet_stderr() as logged:
+            try:
+                ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+            except Exception as e:  # noqa: BLE001 - ray raises many types when a local cluster cannot start
+                failed.append(e)
+            log = logged().strip().splitlines()
+        if failed:
+            e = failed[0]
+            last = (str(e).splitlines() or [""])[0] or (log or [type(e).__name__])[-1]
+            raise FamfindError("--ray", f"no local Ray cluster could start ({last[:160]})") from None
+        return ray
 
     def init():
         try:
@@ -102,7 +116,8 @@ def connect(address: str):
             failed.append(e)
 
     with _quiet_stderr() as logged:
-        # in a daemon thread: a port that accepts connections but is no Ray cluster makes ray.init wait forever
+        # connecting only (no local processes started): in a daemon thread, since a port that
+        # accepts connections but is no Ray cluster makes ray.init wait forever
         t = threading.Thread(target=init, daemon=True)
         t.start()
         t.join(CONNECT_TIMEOUT)
