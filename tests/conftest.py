@@ -24,7 +24,8 @@ def planted_scan(planted_paths, tmp_path_factory):
     from famfind.config import ScanConfig
     from famfind.runner import run_scan
 
-    cfg = ScanConfig(sae=str(planted_paths["sae"]), corpus=str(planted_paths["corpus"]), seq_len=64)
+    cfg = ScanConfig(sae=str(planted_paths["sae"]), corpus=str(planted_paths["corpus"]), seq_len=64,
+                     detector_options=planted.FAST_OPTIONS)
     result = run_scan(cfg)
     db = tmp_path_factory.mktemp("db") / "planted.duckdb"
     return result, db, write_scan(db, result)
@@ -58,4 +59,14 @@ def seq64(tmp_path_factory):
     """A --config TOML setting seq_len = 64 (the planted model's n_ctx)."""
     cfg = tmp_path_factory.mktemp("cfg") / "scan.toml"
     cfg.write_text("[scan]\nseq_len = 64\n")
+    return str(cfg)
+
+
+@pytest.fixture(scope="session")
+def seq64_fast(tmp_path_factory):
+    """:func:`seq64` plus a [detectors.<id>] section: long_prefix_features with 4 prompts per
+    (prefix length, token) instead of 16 (its 9 x 4 x n_tokens prompts were half of a full
+    planted scan)."""
+    cfg = tmp_path_factory.mktemp("cfg") / "fast.toml"
+    cfg.write_text("[scan]\nseq_len = 64\n\n[detectors.long_prefix_features]\nn_seqs = 4\n")
     return str(cfg)

@@ -223,3 +223,9 @@ def build_wide_sae(out: Path, d_sae: int = 24_576, model_dir: str = "../model") 
               model_name=model_dir)
     save_saelens(sae, out)
     return out
+
+
+# long_prefix_features with 4 prompts per (prefix length, token) instead of 16 for the shared
+# planted scans: its 9 x 16 x n_tokens prompts were half of a planted scan, and no test reads the
+# planted model's long-prefix rows (the long-prefix families: tests/test_families.py)
+FAST_OPTIONS = {"long_prefix_features": {"n_seqs": 4}}

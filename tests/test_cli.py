@@ -25,9 +25,9 @@ def scan_args(p, db, *extra):
     return ["scan", str(p["sae"]), "--corpus", str(p["corpus"]), "--db", str(db), *extra]
 
 
-def test_scan_report_sql_roundtrip(runner, planted_paths, tmp_path, seq64):
+def test_scan_report_sql_roundtrip(runner, planted_paths, tmp_path, seq64, seq64_fast):
     db = tmp_path / "f.duckdb"
-    r = runner.invoke(app, scan_args(planted_paths, db, "--config", seq64))
+    r = runner.invoke(app, scan_args(planted_paths, db, "--config", seq64_fast))
     assert r.exit_code == 0, r.output
     assert "Family validation" in r.stdout and "induction" in r.stdout
     r = runner.invoke(app, ["sql", "SELECT family, selected, passed FROM validation WHERE family = 'induction'",
@@ -53,6 +53,12 @@ def test_scan_report_sql_roundtrip(runner, planted_paths, tmp_path, seq64):
     runs = con.execute("SELECT detector FROM detector_runs WHERE scan_id = 2").fetchall()
     con.close()
     assert runs == [("head_roles",)]
+    con = duckdb.connect(str(db), read_only=True)
+    n_seqs, = con.execute("SELECT config->'detector_options'->'long_prefix_features'->>'n_seqs' FROM scans "
+                          "WHERE scan_id = 1").fetchone()
+    n_prompts, = con.execute("SELECT count(*) FROM feature_prefix_curve WHERE scan_id = 1").fetchone()
+    con.close()
+    assert n_seqs == "4" and n_prompts > 0  # the --config file's [detectors.<id>] section reached the detector
 
 
 def test_help_and_usage_errors(runner):

@@ -38,7 +38,7 @@ def families_scan(tmp_path_factory):
 
     paths = pf.build_all(tmp_path_factory.mktemp("planted_families"))
     # smaller synthetic samples than the defaults, to keep CI fast on 2 cores
-    opts = {"long_prefix_features": {"control_size": 40, "n_seqs": 8, "filler": 10, "max_prefix": 6},
+    opts = {"long_prefix_features": {"control_size": 40, "n_seqs": 4, "filler": 10, "max_prefix": 6},
             "long_prefix_heads": {"n_seqs": 32, "filler": 10, "max_prefix": 6},
             "induction_ablation": {"n_sequences": 128},
             "previous_token_features": {"control_size": 60, "n_prompts": 12},

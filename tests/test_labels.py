@@ -143,7 +143,7 @@ def test_scan_label_labels_every_family_and_cluster(planted_paths, tmp_path):
     """`famfind scan --label` on the planted SAE: the induction family and every cluster get a
     label and a score; the labels reach the HTML report."""
     db = tmp_path / "p.duckdb"
-    (tmp_path / "c.toml").write_text("[scan]\nseq_len = 64\n")
+    (tmp_path / "c.toml").write_text("[scan]\nseq_len = 64\n\n[detectors.long_prefix_features]\nn_seqs = 4\n")
     args = ["scan", str(planted_paths["sae"]), "--corpus", str(planted_paths["corpus"]), "--db", str(db), "-q",
             "--skip", "induction_ablation", "--config", str(tmp_path / "c.toml")]
     with ScriptedLLM() as srv:

@@ -29,7 +29,7 @@ def two_layer(planted_paths, tmp_path_factory):
     from famfind.frames import write_scan
 
     cfg = ScanConfig(sae=(str(planted_paths["sae"]), str(planted_paths["sae_l0"])),
-                     corpus=str(planted_paths["corpus"]), seq_len=64)
+                     corpus=str(planted_paths["corpus"]), seq_len=64, detector_options=planted.FAST_OPTIONS)
     result = run_scan(cfg)
     db = tmp_path_factory.mktemp("two") / "two.duckdb"
     return result, db, write_scan(db, result)
@@ -183,9 +183,11 @@ def test_rdfa_parts_sum_to_dfa_on_the_default():
                                                                  pl.col("pos").first())
     assert g.height >= 100
     m, sae, toks = res.model_ctx.model, u.sae, res.model_ctx.corpus.tokens
-    got, want = [], []
+    got, want, parts = [], [], {}
     for r in g.iter_rows(named=True):
-        pat, v = m.attn_parts(toks[r["seq"]][None], 1)
+        if r["seq"] not in parts:  # one forward per sequence
+            parts[r["seq"]] = m.attn_parts(toks[r["seq"]][None], 1)
+        pat, v = parts[r["seq"]]
         c = dfa_by_source(pat[0], v[0], sae.W_enc, sae.b_dec, torch.tensor([r["feature"]]), torch.tensor([r["pos"]]))
         got.append(r["contribution"])
         want.append(float(c.sum(1)[0, r["src_pos"]]))

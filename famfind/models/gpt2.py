@@ -47,8 +47,18 @@ class HFTokenizer:
 
 
 
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
 def _gelu_new(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+    """GPT-2's tanh GELU, ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`` (HF's
+    NewGELUActivation, TransformerLens's gelu_new). Without autograd it runs in place on one
+    buffer: the same operations on the same operands (multiplying by 0.5 is exact), so the
+    result is bitwise equal to the formula's, at about a third of its time on CPU."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return 0.5 * x * (1.0 + torch.tanh(_GELU_C * (x + 0.044715 * x.pow(3))))
+    y = x.pow(3)
+    return y.mul_(0.044715).add_(x).mul_(_GELU_C).tanh_().add_(1.0).mul_(x).mul_(0.5)
 
 
 _ACTS = {"gelu_new": _gelu_new, "gelu": F.gelu, "relu": F.relu,
