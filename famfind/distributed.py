@@ -93,41 +93,36 @@ def connect(address: str):
         if why:
             raise FamfindError("--ray", f"no Ray cluster answered at {address!r} ({why})")
     failed: list[BaseException] = []
-    if address == "auto" and not os.environ.get("RAY_ADDRESS"):
-        # may start a local cluster: in this thread, since Ray starts the GCS and raylet with
-        # PR_SET_PDEATHSIG, which kills them when the *thread* that started them ends
-        with _quiet_stderr() as logged:
-            try:
-                ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-            except Exception as e:  # noqa: BLE001 - ray raises many types when a local cluster cannot start
-                failed.append(e)
-            log = logged().strip().splitlines()
-        if failed:
-            e = failed[0]
-            last = (str(e).splitlines() or [""])[0] or (log or [type(e).__name__])[-1]
-            raise FamfindError("--ray", f"no local Ray cluster could start ({last[:160]})") from None
-        return ray
+    # "auto" with no RAY_ADDRESS may start a local cluster: that runs in this thread, since Ray
+    # starts the GCS and raylet with PR_SET_PDEATHSIG, which kills them when the *thread* that
+    # started them ends. Connecting only runs in a daemon thread, since a port that accepts
+    # connections but is no Ray cluster makes ray.init wait forever.
+    local = address == "auto" and not os.environ.get("RAY_ADDRESS")
 
     def init():
         try:
             ray.init(address=None if address == "auto" else address, include_dashboard=False,
                      log_to_driver=False, configure_logging=False)
+        except KeyboardInterrupt:  # Ctrl-C while a local cluster starts (this thread) stays an interrupt
+            raise
         except BaseException as e:  # noqa: BLE001 - ray raises many types for an address that is not a cluster
             failed.append(e)
 
     with _quiet_stderr() as logged:
-        # connecting only (no local processes started): in a daemon thread, since a port that
-        # accepts connections but is no Ray cluster makes ray.init wait forever
-        t = threading.Thread(target=init, daemon=True)
-        t.start()
-        t.join(CONNECT_TIMEOUT)
+        if local:
+            init()
+        else:
+            t = threading.Thread(target=init, daemon=True)
+            t.start()
+            t.join(CONNECT_TIMEOUT)
         log = logged().strip().splitlines()
-    if t.is_alive():
+    if not local and t.is_alive():
         raise FamfindError("--ray", f"no Ray cluster answered at {address!r} within {CONNECT_TIMEOUT:g} s")
     if failed:
         e = failed[0]
         last = (str(e).splitlines() or [""])[0] or (log or [type(e).__name__])[-1]
-        raise FamfindError("--ray", f"no Ray cluster answered at {address!r} ({last[:160]})") from None
+        what = "no local Ray cluster could start" if local else f"no Ray cluster answered at {address!r}"
+        raise FamfindError("--ray", f"{what} ({last[:160]})") from None
     return ray
 
 

@@ -65,8 +65,8 @@ def seq64(tmp_path_factory):
 @pytest.fixture(scope="session")
 def seq64_fast(tmp_path_factory):
     """:func:`seq64` plus a [detectors.<id>] section: long_prefix_features with 4 prompts per
-    (prefix length, token) instead of 16 (its 9 x 4 x n_tokens prompts were half of a full
-    planted scan)."""
+    (prefix length, token) instead of 16 (its 9 x 16 x n_tokens prompts were half of a
+    full planted scan)."""
     cfg = tmp_path_factory.mktemp("cfg") / "fast.toml"
     cfg.write_text("[scan]\nseq_len = 64\n\n[detectors.long_prefix_features]\nn_seqs = 4\n")
     return str(cfg)

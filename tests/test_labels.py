@@ -139,13 +139,12 @@ def test_no_key_and_no_base_url_is_a_one_line_error(default_db, monkeypatch):
     assert r.exit_code == 1 and "OPENAI_API_KEY" in r.output and not out.exists()
 
 
-def test_scan_label_labels_every_family_and_cluster(planted_paths, tmp_path):
+def test_scan_label_labels_every_family_and_cluster(planted_paths, tmp_path, seq64_fast):
     """`famfind scan --label` on the planted SAE: the induction family and every cluster get a
     label and a score; the labels reach the HTML report."""
     db = tmp_path / "p.duckdb"
-    (tmp_path / "c.toml").write_text("[scan]\nseq_len = 64\n\n[detectors.long_prefix_features]\nn_seqs = 4\n")
     args = ["scan", str(planted_paths["sae"]), "--corpus", str(planted_paths["corpus"]), "--db", str(db), "-q",
-            "--skip", "induction_ablation", "--config", str(tmp_path / "c.toml")]
+            "--skip", "induction_ablation", "--config", seq64_fast]
     with ScriptedLLM() as srv:
         r = runner.invoke(app, [*args, "--label", "--llm-base-url", srv.base_url, "--label-features", "0"])
         assert r.exit_code == 0, r.output
