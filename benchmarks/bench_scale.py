@@ -148,7 +148,7 @@ def child_scan(spec: dict) -> None:
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     res = run_scan(ScanConfig(sae=tuple(spec["saes"]), corpus=spec["corpus"], seq_len=SEQ, device=dev,
-                              batch_size=spec["batch_size"], autocast=spec["autocast"], select=tuple(spec.get("select", ()))))
+                              batch_size=spec["batch_size"], autocast=spec["autocast"], select=tuple(spec.get("select", ())), skip=tuple(spec.get("skip", ()))))
     scan_s = time.perf_counter() - t
     db = Path(spec["out"]) / "scan.duckdb"
     t = time.perf_counter()
@@ -183,6 +183,8 @@ def main() -> None:
     ap.add_argument("--autocast", default="none", choices=("none", "bf16", "fp16"))
     ap.add_argument("--skip-pass", action="store_true", help="no activation-pass table")
     ap.add_argument("--skip-scan", action="store_true", help="no full-scan table")
+    ap.add_argument("--skip", default="", help="comma-separated detectors the full scans leave out (with what "
+                    "requires them), e.g. feature_mechanism,head_polysemanticity: the rest of the scan on its own")
     ap.add_argument("--saedashboard-python", default=None,
                     help="an interpreter with sae-dashboard installed: also time SAEDashboard's feature data "
                          "against famfind's on the same SAE and tokens")
@@ -295,13 +297,15 @@ def run(args, device: str, sizes: list[int], scan_sizes: list[int], tmp: Path) -
 
 def scan_table(args, device, bs, paths, scan_sizes, tmp, corpus_of, child, mid) -> None:
     what = f"layer-{mid.layer} SAE" if len(paths) == 1 else f"all {len(paths)} SAEs"
-    print(f"full scan of the {what} (every built-in detector), one fresh process per size:")
+    skip = [x for x in args.skip.split(",") if x]
+    which = f"every built-in detector but {', '.join(skip)}" if skip else "every built-in detector"
+    print(f"full scan of the {what} ({which}), one fresh process per size:")
     for n_tok in scan_sizes:
         out = tmp / f"scan_{n_tok}"
         out.mkdir()
         t = time.perf_counter()
         d = child({"saes": paths, "corpus": str(corpus_of(n_tok)), "device": device, "batch_size": bs,
-                   "autocast": args.autocast, "out": str(out)})
+                   "autocast": args.autocast, "out": str(out), "skip": skip})
         if isinstance(d, str):
             print(f"{n_tok:>11,} tokens: the scan failed:\n{d}")
             continue
