@@ -14,6 +14,9 @@ corpus's unigram distribution (``X`` removed) with ``X`` planted:
 - duplicate-token: ``X`` at two positions; the feature must not fire at the first and must
   fire at the second.
 
+The prompts of many trigger tokens share one forward (as many positions as one batch of the
+activation pass); each feature is read only on its own trigger's prompts.
+
 Pass rate = passing prompts / ``n_prompts``; > 0.6 passes. ``previous_token_ablation``
 then mean-ablates the previous-token heads, as the paper does for induction heads
 (:func:`famfind.families.mean_ablation`).
@@ -84,11 +87,22 @@ class _TokenRoleFeatures(Heuristic):
         rate = torch.zeros(F)
         feats = torch.nonzero((g.selected | g.control) & (trig >= 0)).flatten()
         unigram = ctx.corpus.tokens.reshape(-1)
-        for X in trig[feats].unique().tolist():
-            fs = feats[trig[feats] == X]
-            toks, checks = self._prompts(X, unigram, ctx.generator)
-            acts = encode_all(ctx.model, ctx.sae, toks, fs, device=ctx.config.device) > 0  # [n, T, nf]
-            rate[fs] = self._passes(acts, checks).float().mean(0)
+        Xs = trig[feats].unique().tolist()
+        prompts = [self._prompts(X, unigram, ctx.generator) for X in Xs]  # the generator's draws in trigger order
+        # many trigger tokens' prompts per forward (as many positions as a pass batch), each
+        # feature read only on its own trigger's prompts
+        rows = max(o.n_prompts, ctx.config.batch_size * ctx.config.seq_len // o.seq_len)
+        per = max(1, rows // o.n_prompts)
+        for g0 in range(0, len(Xs), per):
+            group = range(g0, min(g0 + per, len(Xs)))
+            fs_of = [feats[trig[feats] == Xs[i]] for i in group]
+            union = torch.unique(torch.cat(fs_of))
+            toks = torch.cat([prompts[i][0] for i in group])
+            acts = encode_all(ctx.model, ctx.sae, toks, union, batch_size=toks.shape[0],
+                              device=ctx.config.device) > 0  # [n triggers * n_prompts, seq_len, n union]
+            for j, (i, fs) in enumerate(zip(group, fs_of)):
+                a = acts[j * o.n_prompts:(j + 1) * o.n_prompts][:, :, torch.searchsorted(union, fs)]
+                rate[fs] = self._passes(a, prompts[i][1]).float().mean(0)
         passed = rate > o.pass_threshold
         return family_result(self.produces, self.family, g, rate, passed, {"trigger_token": trig},
                              head_names(ctx.layer, heads))
