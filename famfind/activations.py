@@ -231,23 +231,21 @@ class Slots:
         that lets a few more through, never fewer)."""
         return self.fields["key"][-1]
 
-    def candidates(self, feat: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Of one batch's candidates ``(feat, key) [n]``, in ascending corpus order, those that
-        can enter: ``(index into them, rank within the feature)``. Candidates worse than the
-        feature's last slot are dropped first (the rest are a prefix of the feature's order, so
-        their ranks are the same)."""
+    def candidates(self, feat: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """Of one batch's candidates ``(feat, key) [n]``, in ascending corpus order, the indices
+        of those that can enter: each feature's best ``k`` of the batch. Candidates worse than
+        the feature's last slot are dropped first (the rest are a prefix of the feature's order,
+        so their ranks are the same)."""
         w = self.worst()[feat]
         sel = torch.nonzero(key >= w if self.largest else key <= w).flatten()
         o = key[sel].argsort(descending=self.largest, stable=True)  # stable: ties stay in corpus order
         o = o[feat[sel][o].argsort(stable=True)]
         fs = feat[sel][o]
         rank = torch.arange(fs.numel(), device=fs.device) - torch.searchsorted(fs, fs, right=False)
-        ok = rank < self.k
-        return sel[o[ok]], rank[ok]
+        return sel[o[rank < self.k]]
 
-    def fold(self, rank: torch.Tensor, feat: torch.Tensor, vals: dict[str, torch.Tensor]) -> None:
-        """Add candidates ``vals[name] [n, ...]`` of features ``feat [n]`` (``rank``: their rank
-        within the feature in this batch, unused beyond ``rank < k``)."""
+    def fold(self, feat: torch.Tensor, vals: dict[str, torch.Tensor]) -> None:
+        """Add candidates ``vals[name] [n, ...]`` of features ``feat [n]``."""
         if feat.numel() == 0:
             return
         self.pending.append((feat, vals))
@@ -304,9 +302,9 @@ class TopK:
         if f.numel() == 0:
             return
         v = batch.firing_acts
-        keep, rank = self.slots.candidates(f, v)
+        keep = self.slots.candidates(f, v)
         kb, kt, kf = b[keep], t[keep], f[keep]
-        self.slots.fold(rank, kf, {"key": v[keep], "idx": (kb + batch.start) * self.T + kt,
+        self.slots.fold(kf, {"key": v[keep], "idx": (kb + batch.start) * self.T + kt,
                                    "win": window_acts(batch.acts.reshape(-1, batch.acts.shape[-1]), kb, kt, kf, self.T)})
 
     def merge(self, o: TopK) -> None:
@@ -332,9 +330,9 @@ class Reservoir:
             return
         b, t, f = batch.firing
         key = batch.firing_keys(self.seed)
-        keep, rank = self.slots.candidates(f, key)
+        keep = self.slots.candidates(f, key)
         kb, kt, kf = b[keep], t[keep], f[keep]
-        self.slots.fold(rank, kf, {"key": key[keep], "idx": (kb + batch.start) * self.T + kt,
+        self.slots.fold(kf, {"key": key[keep], "idx": (kb + batch.start) * self.T + kt,
                                    "acts": batch.firing_acts[keep],
                                    "win": window_acts(batch.acts.reshape(-1, batch.acts.shape[-1]), kb, kt, kf, self.T)})
 

@@ -160,15 +160,15 @@ class SourceSampler:
         seq = b + batch.start
         idx = seq * self.T + t
         odd = (seq % 2).bool()
-        picks: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # name -> (pair index, rank, key)
+        picks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (pair index, key)
         # pairs come in row-major order, i.e. ascending corpus position: stable sorts break ties by it
-        sel, rank = self.top.candidates(f, act)
-        picks["top"] = (sel, rank, act[sel])
+        sel = self.top.candidates(f, act)
+        picks["top"] = (sel, act[sel])
         if self.uniform.k:
             ev = torch.nonzero(~odd).flatten()
             key = batch.firing_keys(self.seed)[ev]
-            sel, rank = self.uniform.candidates(f[ev], key)
-            picks["uniform"] = (ev[sel], rank, key[sel])
+            sel = self.uniform.candidates(f[ev], key)
+            picks["uniform"] = (ev[sel], key[sel])
         if self.held_out.k:
             od = torch.nonzero(odd).flatten()
             within = batch.firing_keys(self.seed)[od]  # the order within a sequence; sequences by sequence_keys
@@ -177,15 +177,15 @@ class SourceSampler:
             od, within, key = od[keep], within[keep], key[keep]
             cap = _rank_within(seq[od] * batch.acts.shape[-1] + f[od], [within], False) < self.per_seq
             od, key = od[cap], key[cap]
-            sel, rank = self.held_out.candidates(f[od], key)
-            picks["held_out"] = (od[sel], rank, key[sel])
+            sel = self.held_out.candidates(f[od], key)
+            picks["held_out"] = (od[sel], key[sel])
         pairs = torch.unique(torch.cat([p[0] for p in picks.values()]))
         summ = source_summary(batch.pattern, batch.v, W_enc, b_dec, b[pairs], t[pairs], f[pairs], self.n_sources)
         where = torch.full((f.numel(),), -1, dtype=torch.long, device=f.device)
         where[pairs] = torch.arange(pairs.numel(), device=f.device)
-        for name, (sel, rank, key) in picks.items():
+        for name, (sel, key) in picks.items():
             j = where[sel]
-            self.parts()[name].fold(rank, f[sel], {
+            self.parts()[name].fold(f[sel], {
                 "key": key, "idx": idx[sel], "act": act[sel], "src_pos": summ.src_pos[j], "src_val": summ.src_val[j],
                 "total": summ.total[j], "pos_total": summ.pos_total[j], "head_val": summ.head_val[j]})
 

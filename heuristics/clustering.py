@@ -3,8 +3,8 @@ features", 2025: clusters of attention-output features by which heads write them
 
 Each live feature is a vector of head loadings: its head attribution (``head_attribution``,
 rows sum to 1) and, with ``use_dfa``, its DFA-by-head shares (``dfa_head``) concatenated.
-k-means (``n_init=4``; :mod:`famfind.kmeans` in torch on the scan's device, or scikit-learn's
-``KMeans`` with ``backend="sklearn"``) runs for every ``k`` in ``[k_min, k_max]``; each k's
+k-means (:mod:`famfind.kmeans` in torch on the scan's device, 10 seeds per k; or scikit-learn's
+``KMeans``, ``n_init=4``, with ``backend="sklearn"``) runs for every ``k`` in ``[k_min, k_max]``; each k's
 silhouette score (on a random sample of ``silhouette_sample`` features) and inertia go to
 table ``cluster_sweep``; the best silhouette picks k. Tables ``clusters`` (feature, cluster,
 distance to its centroid) and ``cluster_sizes`` (cluster, size, centroid's top head and its
@@ -63,23 +63,11 @@ def power_law_fit(sizes: np.ndarray) -> tuple[float, float]:
     return float(-slope), float(r2)
 
 
-@dataclass(frozen=True)
-class Clustering:
-    """A k-means result: ``labels [n]`` and ``cluster_centers_ [k, d]`` (numpy)."""
-
-    labels_: np.ndarray
-    cluster_centers_: np.ndarray
-
-    @property
-    def n_clusters(self) -> int:
-        return self.cluster_centers_.shape[0]
-
-
 def sweep_kmeans(X: np.ndarray, k_min: int, k_max: int, seed: int, sample: int, backend: str = "torch",
                  device: str = "cpu"):
-    """k-means for every k; returns ``(rows, best_labels, best)`` with rows ``{"k", "silhouette",
-    "inertia"}`` and ``best`` a :class:`Clustering` (the best silhouette); k stops below the
-    number of distinct points. ``backend``: ``"torch"`` (:mod:`famfind.kmeans`, on ``device``,
+    """k-means for every k; returns ``(rows, labels [n], centers [k, d])`` (numpy) with rows
+    ``{"k", "silhouette", "inertia"}``, labels and centres of the best silhouette; k stops below
+    the number of distinct points. ``backend``: ``"torch"`` (:mod:`famfind.kmeans`, on ``device``,
     one silhouette distance matrix for the sweep) or ``"sklearn"`` (scikit-learn's ``KMeans``
     and ``silhouette_score``, the reference). Raises ``ValueError`` with fewer than 3 distinct
     points or an unknown backend."""
@@ -87,7 +75,7 @@ def sweep_kmeans(X: np.ndarray, k_min: int, k_max: int, seed: int, sample: int, 
         from famfind.kmeans import sweep
 
         rows, fit = sweep(torch.from_numpy(np.asarray(X, dtype=np.float64)).to(device), k_min, k_max, seed, sample)
-        return rows, fit.labels.cpu().numpy(), Clustering(fit.labels.cpu().numpy(), fit.centers.cpu().numpy())
+        return rows, fit.labels.cpu().numpy(), fit.centers.cpu().numpy()
     if backend != "sklearn":
         raise ValueError(f"backend must be torch or sklearn, got {backend!r}")
     from sklearn.cluster import KMeans
@@ -107,7 +95,7 @@ def sweep_kmeans(X: np.ndarray, k_min: int, k_max: int, seed: int, sample: int, 
         rows.append({"k": k, "silhouette": sil, "inertia": float(km.inertia_)})
         if best is None or (sil == sil and sil > best[0]):
             best = (sil, km)
-    return rows, best[1].labels_, Clustering(best[1].labels_, best[1].cluster_centers_)
+    return rows, best[1].labels_, best[1].cluster_centers_
 
 
 class HeadLoadingClusters(Heuristic):
@@ -153,9 +141,8 @@ GROUP BY ALL""", "clusters x primary families over every scan: scan_id, sae, clu
         if distinct.shape[0] < 3:  # nothing for k-means to choose: each distinct loading is a cluster
             rows, labels, centers = [], inverse.reshape(-1).astype(np.int64), distinct
         else:
-            rows, labels, km = sweep_kmeans(X, o.k_min, o.k_max, ctx.config.seed, o.silhouette_sample, o.backend,
-                                            ctx.config.device)
-            centers = km.cluster_centers_
+            rows, labels, centers = sweep_kmeans(X, o.k_min, o.k_max, ctx.config.seed, o.silhouette_sample,
+                                                 o.backend, ctx.config.device)
         k = centers.shape[0]
         dist = np.linalg.norm(X - centers[labels], axis=1)
         sizes = np.bincount(labels, minlength=k)
