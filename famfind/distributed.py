@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 from famfind.config import ScanConfig
-from famfind.errors import FamfindError
+from famfind.errors import FamfindError, first_line
 from famfind.execution import UnitRunner, merge_shard, run_shard, shard_rows
 from famfind.inputs import load_saes
 from famfind.models import load_model
@@ -120,9 +120,9 @@ def connect(address: str):
         raise FamfindError("--ray", f"no Ray cluster answered at {address!r} within {CONNECT_TIMEOUT:g} s")
     if failed:
         e = failed[0]
-        last = (str(e).splitlines() or [""])[0] or (log or [type(e).__name__])[-1]
+        last = first_line(e) or (log or [type(e).__name__])[-1][:160]
         what = "no local Ray cluster could start" if local else f"no Ray cluster answered at {address!r}"
-        raise FamfindError("--ray", f"{what} ({last[:160]})") from None
+        raise FamfindError("--ray", f"{what} ({last})") from None
     return ray
 
 

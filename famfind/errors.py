@@ -25,6 +25,12 @@ class Interrupted(Exception):
     prints ``famfind: interrupted; <message>`` and exits 130."""
 
 
+def first_line(e: BaseException, limit: int | None = 160) -> str:
+    """The first line of an exception's message, at most ``limit`` characters (``None``: all of
+    it; "" when the message is empty): what a one-line error quotes of a library's exception."""
+    return (str(e).splitlines() or [""])[0][:limit]
+
+
 @contextmanager
 def reading(where, what: str):
     """Within the block, any error a library raises (safetensors, tokenizers, transformers,
@@ -35,5 +41,5 @@ def reading(where, what: str):
     except (FamfindError, KeyboardInterrupt, Interrupted):
         raise
     except Exception as e:  # noqa: BLE001 - a loader's libraries raise many types
-        msg = str(e).splitlines()[0][:160] if str(e) else ""
+        msg = first_line(e)
         raise FamfindError(where, f"cannot read {what} ({type(e).__name__}{': ' + msg if msg else ''})") from None

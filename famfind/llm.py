@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from famfind.errors import FamfindError
+from famfind.errors import FamfindError, first_line
 from famfind.schema import LLM_CACHE
 
 CACHE_SCHEMA = LLM_CACHE.ddl()
@@ -171,7 +171,7 @@ class LLM:
                     try:
                         text, retries, secs = fut.result()
                     except (openai.APIError, openai.OpenAIError) as e:  # after the client's retries
-                        msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                        msg = f"{type(e).__name__}: {first_line(e, None)}"[:300]
                         for i in idx:
                             out[i] = Reply(k, "error", error=msg)
                     else:

@@ -29,7 +29,7 @@ from typing import Protocol
 
 import torch
 
-from famfind.errors import FamfindError, reading
+from famfind.errors import FamfindError, first_line, reading
 from famfind.validation import KissaneCfg, SAELensCfg, validated
 
 SAELENS_CFG = "cfg.json"
@@ -311,7 +311,7 @@ class GemmaScopeNpzLoader:
             with np.load(path) as z:
                 w = {k: torch.from_numpy(np.array(z[k])) for k in z.files}
         except (OSError, ValueError) as e:
-            raise FamfindError(path, f"not a readable .npz file ({str(e).splitlines()[0][:120]})") from None
+            raise FamfindError(path, f"not a readable .npz file ({first_line(e, 120)})") from None
         return SAE(W_enc=_need(w, "W_enc", path, "array"), W_dec=_need(w, "W_dec", path, "array"),
                    b_enc=_need(w, "b_enc", path, "array"), b_dec=_need(w, "b_dec", path, "array"),
                    threshold=_need(w, "threshold", path, "array"), architecture="jumprelu",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from famfind.errors import FamfindError
+from famfind.errors import FamfindError, first_line
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -92,7 +92,7 @@ class Table:
         try:
             return df.select([pl.col(c.name).cast(DTYPES[c.type], strict=True) for c in self.columns])
         except pl.exceptions.PolarsError as e:
-            raise FamfindError(owner, f"table {self.name!r}: {str(e).splitlines()[0][:160]}") from None
+            raise FamfindError(owner, f"table {self.name!r}: {first_line(e)}") from None
 
 
 SAE_COLUMN = Column("sae", "VARCHAR", "the SAE (its hook name, see saes)")

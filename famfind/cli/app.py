@@ -17,7 +17,7 @@ from rich.progress import Progress
 from typer.core import TyperGroup
 
 from famfind import _typer_compat
-from famfind.errors import FamfindError, Interrupted
+from famfind.errors import FamfindError, Interrupted, first_line
 
 
 def _literal(text: str) -> str:
@@ -121,7 +121,7 @@ def guarded(fn):
                 raise typer.Exit(130) from None
             if _state["debug"]:
                 raise
-            msg = str(e).splitlines()[0] if str(e) else ""
+            msg = first_line(e, None)
             _line(f"famfind: error: {type(e).__name__}: {msg} (rerun with --debug for a traceback)")
             raise typer.Exit(1) from None
     return wrapper

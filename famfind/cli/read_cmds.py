@@ -14,7 +14,7 @@ from rich.table import Table as RTable
 from rich.text import Text
 
 from famfind.cli.app import DbOpt, HookOpt, _line, app, guarded, heur_app
-from famfind.errors import FamfindError
+from famfind.errors import FamfindError, first_line
 
 WIDE = 240  # columns of `famfind report --wide`: the widest built-in table fits side by side
 
@@ -44,7 +44,7 @@ def sql(
         try:
             rel = con.sql(q)
         except duckdb.Error as e:
-            raise FamfindError(db, f"SQL error: {str(e).splitlines()[0]}") from None
+            raise FamfindError(db, f"SQL error: {first_line(e, None)}") from None
         if rel is None:
             return
         cols, rows = rel.columns, rel.fetchall()
@@ -242,11 +242,15 @@ def tables(
         typer.echo(md(all_tables, views))
         return
     console = Console()
+
+    def head(name: str, label: str, doc: str) -> None:
+        line = Text(label, style="bold")
+        line.append(f"  (declared by {reg.table_owner(name) or 'core'}): ")
+        line.append(doc)
+        console.print(line)
+
     for tab in all_tables:
-        head = Text(tab.name, style="bold")
-        head.append(f"  (declared by {reg.table_owner(tab.name) or 'core'}): ")
-        head.append(tab.doc)
-        console.print(head)
+        head(tab.name, tab.name, tab.doc)
         cols = ([] if not tab.per_scan else [("scan_id", "INTEGER", "the scan (scans.scan_id)")]) + \
             [(c.name, c.type, c.doc) for c in tab.columns]
         grid = RTable.grid(padding=(0, 1))  # the doc wraps in its own column, under itself
@@ -256,9 +260,6 @@ def tables(
             grid.add_row(Text(f"  {n} {ty}"), Text(doc))
         console.print(grid)
     for v in views:
-        head = Text(f"{v.name} (view)", style="bold")
-        head.append(f"  (declared by {reg.table_owner(v.name) or 'core'}): ")
-        head.append(v.doc)
-        console.print(head)
+        head(v.name, f"{v.name} (view)", v.doc)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from famfind.errors import FamfindError
+from famfind.errors import FamfindError, first_line
 from famfind.models.base import ResidParts
 from famfind.models.transformer_lens import TLModel
 
@@ -45,7 +45,7 @@ def _check_tokenizer(p: Path) -> None:
             AutoTokenizer.from_pretrained(str(p)).encode("a")  # the bridge encodes a test string at boot
     except Exception as e:  # tokenizers and transformers raise bare Exceptions here
         files = [f for f in TOKENIZER_FILES if (p / f).exists()]
-        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        msg = first_line(e) or type(e).__name__
         where = p / files[0] if files else p
         raise FamfindError(where, f"the tokenizer of {p} cannot be loaded by transformers ({msg}); files there: "
                            f"{', '.join(files) or 'none'} (a bare tokenizer.json may need its tokenizer_config.json "
@@ -96,7 +96,7 @@ class BridgeModel(TLModel):
                 finally:
                     logging.disable(before)
         except Exception as e:  # transformers/TransformerLens raise many types for an unsupported model
-            msg = str(e).splitlines()[0][:160] if str(e) else ""
+            msg = first_line(e)
             raise FamfindError(p, f"TransformerBridge could not boot it ({type(e).__name__}: {msg})") from None
         bridge.requires_grad_(False)  # famfind never backpropagates; weights read as plain tensors
         self.tl = bridge

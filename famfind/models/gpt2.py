@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from famfind.errors import FamfindError
+from famfind.errors import FamfindError, first_line
 from famfind.models.base import Ablation, ModelConfig, ResidParts, ablate_heads
 from famfind.validation import GPT2Config, validated
 
@@ -27,7 +27,7 @@ class HFTokenizer:
         try:
             self._tok = _T.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception for a malformed file
-            raise FamfindError(path, f"not a valid tokenizers file ({str(e).splitlines()[0][:120]})") from None
+            raise FamfindError(path, f"not a valid tokenizers file ({first_line(e, 120)})") from None
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids
@@ -122,7 +122,7 @@ class HFGPT2Model:
         try:
             loaded = load_file(str(wfile))
         except Exception as e:  # safetensors raises its own error types for a corrupt file
-            raise FamfindError(wfile, f"not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
+            raise FamfindError(wfile, f"not a readable safetensors file ({first_line(e, 120)})") from None
         sd = {k.removeprefix("transformer."): v for k, v in loaded.items()}
         d_model, n_heads = cfg.n_embd, cfg.n_head
         self.cfg = ModelConfig(name=str(p), n_layers=cfg.n_layer, n_heads=n_heads,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from famfind.errors import FamfindError
+from famfind.errors import FamfindError, first_line
 from famfind.models.base import Ablation, ModelConfig, ResidParts, ablate_heads
 
 
@@ -25,7 +25,7 @@ class TLModel:
             self.tl = HookedTransformer.from_pretrained(name, device=device)
         except Exception as e:  # hub/network/unknown-name errors come in many types
             raise FamfindError(name, f"TransformerLens could not load it ({type(e).__name__}: "
-                               f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+                               f"{first_line(e)})") from None
         self._wrap(name)
 
     @classmethod
