@@ -218,7 +218,7 @@ class FeatureMechanism(Heuristic):
         Column("necessity_control", "FLOAT", "the same, a random other source position at or before it replaced"),
         Column("median_drop", "FLOAT", "median fraction of the activation the top-source substitution removes "
                "(negative: it rises)"),
-        Column("validated", "BOOLEAN", "n_tested >= 8 and necessity >= 0.6"),
+        Column("validated", "BOOLEAN", "n_tested >= min_tested (8) and necessity >= necessity_threshold (0.6)"),
         Column("n_windows", "INTEGER", "held-out windows (feature silent) the source set was planted into"),
         Column("sufficiency", "FLOAT", "share of them where the feature then fires (unplanted: 0 by selection)"),
         Column("sufficiency_control", "FLOAT", "the same with a unigram token outside the set planted"),

@@ -159,6 +159,19 @@ class Coverage:
     behaviour_or_proxy: int
     any_family: int
 
+    def rows(self) -> list[tuple[str, str, int, int | None]]:
+        """The coverage table as every report shows it: ``(family, test, features, primary
+        family of)``, the behaviour and proxy families, the mechanism families as one row, then
+        the totals (primary ``None``)."""
+        out = list(self.families)
+        if self.n_mechanism:
+            out.append((f"({self.n_mechanism} mechanism families)", "necessity", self.mechanism_features,
+                        self.mechanism_primary))
+        return out + [(k, "-", n, None) for k, n in (
+            ("(in a behaviour or proxy family)", self.behaviour_or_proxy),
+            ("(in a mechanism family)", self.mechanism_features),
+            ("(in any family)", self.any_family), ("(no family)", self.live - self.any_family))]
+
 
 def coverage(con, scan_id: int, sae: str) -> Coverage:
     """:class:`Coverage` of SAE ``sae`` of the scan, from the core tables."""

@@ -100,16 +100,8 @@ def report_data(con, scan_id: int, max_features: int | None = None, sae: str | N
                        "GROUP BY ALL ORDER BY layer, head, metric", scan_id)
     cov = coverage(con, scan_id, sae)
     pct = lambda n: round(n / max(cov.live, 1), 4)  # noqa: E731
-    coverage_rows = [{"family": f, "test": t, "features": n, "share of live": pct(n), "primary family of": p}
-                     for f, t, n, p in cov.families]
-    if cov.n_mechanism:
-        coverage_rows.append({"family": f"({cov.n_mechanism} mechanism families)", "test": "necessity",
-                              "features": cov.mechanism_features, "share of live": pct(cov.mechanism_features),
-                              "primary family of": cov.mechanism_primary})
-    coverage_rows += [{"family": k, "test": "-", "features": n, "share of live": pct(n), "primary family of": "-"}
-                      for k, n in (("(in a behaviour or proxy family)", cov.behaviour_or_proxy),
-                                   ("(in a mechanism family)", cov.mechanism_features),
-                                   ("(in any family)", cov.any_family), ("(no family)", cov.live - cov.any_family))]
+    coverage_rows = [{"family": f, "test": t, "features": n, "share of live": pct(n),
+                      "primary family of": "-" if p is None else p} for f, t, n, p in cov.rows()]
     return {
         "scan": scan,
         "coverage": coverage_rows,

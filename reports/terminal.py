@@ -66,14 +66,7 @@ def render(con, scan_id: int, console: Console) -> None:
     for u in saes:
         c = coverage(con, scan_id, u["sae"])
         pct = lambda n: f"{n / max(c.live, 1):.1%}"  # noqa: E731
-        rows = [(fam, test, str(n), pct(n), str(p)) for fam, test, n, p in c.families]
-        if c.n_mechanism:
-            rows.append((f"({c.n_mechanism} mechanism families)", "necessity", str(c.mechanism_features),
-                         pct(c.mechanism_features), str(c.mechanism_primary)))
-        rows += [(k, "-", str(n), pct(n), "-") for k, n in (
-            ("(in a behaviour or proxy family)", c.behaviour_or_proxy), ("(in a mechanism family)",
-                                                                         c.mechanism_features),
-            ("(in any family)", c.any_family), ("(no family)", c.live - c.any_family))]
+        rows = [(fam, test, str(n), pct(n), "-" if p is None else str(p)) for fam, test, n, p in c.rows()]
         out.table(f"{u['sae']}: family coverage of {c.live:,} live features "
                   "(paper: induction ~5% of live features in gelu-2l)",
                   ("family", "test", "features", "share of live", "primary family of"), rows)
