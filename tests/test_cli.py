@@ -250,3 +250,18 @@ def test_help_and_flags_work_under_the_installed_typer_and_click(runner, tmp_pat
     check(r, 1, "none.duckdb")
     r = runner.invoke(app, ["scan", "--device", "tpu", "--db", str(tmp_path / "x.duckdb")])
     check(r, 1, "device", "'tpu'")
+
+
+def test_cli_choices_are_the_scan_configs():
+    """--autocast and --model-backend are typer choices (a usage error otherwise); their values
+    are written out in the CLI module so that `famfind -h` need not import the config's
+    dependencies: they must stay those ScanConfig and load_model accept."""
+    from typing import get_args, get_type_hints
+
+    from famfind.cli.scan_cmds import Autocast, Backend
+    from famfind.config import ScanConfig
+    from famfind.models import BACKENDS
+
+    hints = get_type_hints(ScanConfig)
+    assert [a.value for a in Autocast] == list(get_args(hints["autocast"]))
+    assert [b.value for b in Backend] == list(get_args(hints["model_backend"])) == list(BACKENDS)
