@@ -88,7 +88,7 @@ def profile_default(args) -> None:
             return f"pass: {what}" if parent.startswith("pass") else f"{parent} [{what}]"
         return name
 
-    for m in ("run_hook_z", "run_hook_zs", "run_attention", "hook_z_spans", "prefix_cache"):
+    for m in ("run_hook_z", "run_hook_zs", "run_attention", "hook_z_spans", "hook_z_at", "prefix_cache"):
         clock.wrap(HFGPT2Model, m, inside("model forward"))
     clock.wrap(SAE, "encode", inside("SAE encode"))
     clock.wrap(A.PassState, "update", "pass: accumulators (counts, histogram, top-k, samples)")

@@ -46,42 +46,96 @@ def run_edits(model, sae, tokens: torch.Tensor, e_seq: torch.Tensor, e_pos: torc
     first = torch.full((n_edits,), tokens.shape[1], dtype=torch.long).scatter_reduce_(0, r_edit, r_pos, reduce="amin")
     used = torch.nonzero(last >= 0).flatten()
     cached = hasattr(model, "hook_z_spans") and hasattr(model, "prefix_cache")
+    T = tokens.shape[1]
+    if cached and sae.layer == 0 and hasattr(model, "hook_z_at"):
+        return _run_layer0(model, sae, tokens, e_seq, e_pos, e_tok, r_edit, r_pos, r_feat, device)
     start = torch.where(e_pos >= 0, torch.minimum(e_pos, first), first) if cached else torch.zeros_like(first)
     length = last - start + 1
-    batches = _batches(used, e_seq, length, start, token_budget,
-                       _seqs_per_cache(model, sae.layer, tokens.shape[1]) if cached else None)
+    # cost of an edit in a forward: its positions plus the cached keys it reads before them
+    batches = _batches(used, e_seq, length, start if cached else torch.zeros_like(start), token_budget,
+                       _seqs_per_cache(model, sae.layer, T) if cached else None)
     rank = torch.full((n_edits,), -1, dtype=torch.long)
     rank[torch.cat([b for _, b in batches])] = torch.arange(used.numel())
     r_order = torch.argsort(rank[r_edit], stable=True)
     r_rank = rank[r_edit][r_order]
-    done, cache_key, cache = 0, None, None
+    # the distinct read positions of each edit (sorted by edit, then position) and each read's rank among them
+    pair, r_pair = torch.unique(r_edit * T + r_pos, return_inverse=True)
+    p_edit = pair // T
+    n_pairs = torch.bincount(p_edit, minlength=n_edits)
+    p_rank = torch.arange(pair.numel()) - (torch.cumsum(n_pairs, 0) - n_pairs)[p_edit]
+    done, cache_key, cache, z_edit = 0, None, None, None
     for chunk, grp in batches:
         L = int(length[grp].max())
         s0 = start[grp]
-        idx = (s0[:, None] + torch.arange(L)).clamp_max(tokens.shape[1] - 1)
+        idx = (s0[:, None] + torch.arange(L)).clamp_max(T - 1)
         toks = tokens[e_seq[grp][:, None], idx]
-        edited = torch.nonzero((e_pos[grp] >= 0) & (e_pos[grp] - s0 < L)).flatten()  # an edit after every read changes nothing
+        edited = torch.nonzero((e_pos[grp] >= s0) & (e_pos[grp] - s0 < L)).flatten()  # an edit after every read changes nothing
         toks[edited, e_pos[grp][edited] - s0[edited]] = e_tok[grp][edited]
-        if cached:
-            if cache_key is not chunk:
-                P = max(1, int(start[torch.isin(e_seq, chunk) & (last >= 0)].max()))
-                cache, cache_key = model.prefix_cache(tokens[chunk, :P].to(device), sae.layer), chunk
-            rows = torch.searchsorted(chunk, e_seq[grp])
-            z = model.hook_z_spans(cache, rows.to(device), s0.to(device), toks.to(device), sae.layer)
-        else:
-            z = model.run_hook_z(toks.to(device), sae.layer)  # [edits, L, n_heads, d_head]
         lo, hi = int(torch.searchsorted(r_rank, done)), int(torch.searchsorted(r_rank, done + grp.numel()))
         rs = r_order[lo:hi]
         e = rank[r_edit[rs]] - done
-        x = z[e.to(z.device), (r_pos[rs] - s0[e]).to(z.device)].flatten(-2).float()
-        out[rs] = sae.encode_pairs(x, r_feat[rs].to(z.device)).cpu()
+        if cached:
+            if cache_key is not chunk:
+                cache, cache_key = model.prefix_cache(tokens[chunk].to(device), sae.layer), chunk
+                z_edit = _edit_rows(model, cache, chunk, e_seq, e_pos, e_tok, first, last, device)
+            rows = torch.searchsorted(chunk, e_seq[grp])
+            q_rows = torch.zeros(grp.numel(), int(n_pairs[grp].max()), dtype=torch.long)
+            q_rows[e, p_rank[r_pair[rs]]] = r_pos[rs] - s0[e]  # each edit's distinct read positions (0 pads)
+            z = model.hook_z_spans(cache, rows.to(device), s0.to(device), toks.to(device), sae.layer,
+                                   e_pos[grp].to(device), e_tok[grp].clamp_min(0).to(device), q_rows.to(device),
+                                   None if z_edit is None else z_edit[grp].to(device))
+            x = z[e.to(z.device), p_rank[r_pair[rs]].to(z.device)]
+        else:
+            z = model.run_hook_z(toks.to(device), sae.layer)  # [edits, L, n_heads, d_head]
+            x = z[e.to(z.device), (r_pos[rs] - s0[e]).to(z.device)]
+        out[rs] = sae.encode_pairs(x.flatten(-2).float(), r_feat[rs].to(x.device)).cpu()
         done += grp.numel()
     return out
 
 
+def _edit_rows(model, cache, chunk, e_seq, e_pos, e_tok, first, last, device) -> torch.Tensor | None:
+    """Layer 0's hook_z at each edited position of the chunk's edits that a read sees,
+    ``[n_edits, n_heads, d_head]`` (other rows 0), in one :meth:`hook_z_at` call."""
+    if not hasattr(model, "hook_z_at"):
+        return None
+    ids = torch.nonzero(torch.isin(e_seq, chunk) & (e_pos >= 0) & (e_pos <= last)).flatten()
+    out = torch.zeros(e_seq.numel(), model.cfg.n_heads, model.cfg.d_head)
+    if ids.numel():
+        at = e_pos[ids].to(device)
+        out[ids] = model.hook_z_at(cache, torch.searchsorted(chunk, e_seq[ids]).to(device), at, at,
+                                   e_tok[ids].to(device)).cpu()
+    return out
+
+
+def _run_layer0(model, sae, tokens, e_seq, e_pos, e_tok, r_edit, r_pos, r_feat, device) -> torch.Tensor:
+    """:func:`run_edits` for a layer-0 SAE: an edit changes layer 0's query, key and value at its
+    own position only, so each distinct ``(edit, read position)`` is one row of
+    :meth:`~famfind.models.gpt2.HFGPT2Model.hook_z_at` against the clean cache, no span re-run."""
+    out = torch.zeros(r_edit.numel())
+    T = tokens.shape[1]
+    pair, inv = torch.unique(r_edit * T + r_pos, return_inverse=True)  # distinct (edit, position)
+    p_edit, p_pos = pair // T, pair % T
+    p_seq = e_seq[p_edit]
+    seqs = torch.unique(p_seq)
+    per = _seqs_per_cache(model, 0, T)
+    for c0 in range(0, seqs.numel(), per):
+        chunk = seqs[c0:c0 + per]
+        cache = model.prefix_cache(tokens[chunk].to(device), 0)
+        pi = torch.nonzero(torch.isin(p_seq, chunk)).flatten()
+        rows = torch.searchsorted(chunk, p_seq[pi])
+        z = model.hook_z_at(cache, rows.to(device), p_pos[pi].to(device), e_pos[p_edit[pi]].to(device),
+                            e_tok[p_edit[pi]].clamp_min(0).to(device))
+        where = torch.full((pair.numel(),), -1, dtype=torch.long)
+        where[pi] = torch.arange(pi.numel())
+        rs = torch.nonzero(where[inv] >= 0).flatten()
+        out[rs] = sae.encode_pairs(z[where[inv[rs]].to(z.device)].flatten(-2).float(), r_feat[rs].to(z.device)).cpu()
+    return out
+
+
 def _seqs_per_cache(model, layer: int, seq_len: int) -> int:
-    """Sequences whose clean keys and values (every layer up to ``layer``) fit :data:`CACHE_FLOATS`."""
-    return max(1, CACHE_FLOATS // ((layer + 1) * 2 * seq_len * model.cfg.d_model))
+    """Sequences whose clean run (layer 0's queries, every layer's keys and values up to
+    ``layer``) fits :data:`CACHE_FLOATS`."""
+    return max(1, CACHE_FLOATS // ((2 * layer + 3) * seq_len * model.cfg.d_model))
 
 
 def _batches(used: torch.Tensor, e_seq: torch.Tensor, length: torch.Tensor, start: torch.Tensor, budget: int,

@@ -132,6 +132,42 @@ def test_run_edits_equals_a_forward_per_edit(mech):
         assert torch.allclose(got, want, atol=1e-4)
 
 
+def test_run_edits_at_layer_1_equals_a_forward_per_read():
+    """The layer-1 path of famfind.substitution on the embedded default (two layers): spans
+    re-run from the edit with layer 0 updated through the edited key only (the top key removed
+    from its kept sums, or a smaller key subtracted), against one whole forward per read; edits
+    at, before and after their reads, clean runs, previous-token edits (head 0.0's top key)."""
+    from famfind.corpus import default_dir, load_corpus
+    from famfind.models.gpt2 import HFGPT2Model
+    from famfind.sae import load_sae
+    from famfind.substitution import run_edits
+
+    m = HFGPT2Model(default_dir() / "model")
+    sae = load_sae(default_dir() / "saes" / "blocks.1.attn.hook_z")
+    toks = load_corpus(None, m.tokenizer, 128).tokens[:40]
+    g = torch.Generator().manual_seed(0)
+    E, R = 80, 600
+    es = torch.randint(0, toks.shape[0], (E,), generator=g)
+    ep = torch.randint(-1, 128, (E,), generator=g)
+    et = torch.randint(0, m.cfg.d_vocab, (E,), generator=g)
+    re_ = torch.randint(0, E, (R,), generator=g)
+    rp = torch.randint(0, 128, (R,), generator=g)
+    near = torch.rand(R, generator=g) < 0.5  # half the reads at or just after their edit (distance 0-2)
+    rp = torch.where(near & (ep[re_] >= 0), (ep[re_] + torch.randint(0, 3, (R,), generator=g)).clamp_max(127), rp)
+    z_all = {}
+    for i in range(E):
+        t = toks[es[i]].clone()
+        if ep[i] >= 0:
+            t[ep[i]] = et[i]
+        z_all[i] = m.run_hook_z(t[None], 1)[0].flatten(-2)  # [128, d_in]
+    acts = torch.stack([sae.encode(z_all[int(re_[i])][rp[i]]) for i in range(R)])  # [R, d_sae]
+    rf = torch.where(torch.rand(R, generator=g) < 0.7, acts.argmax(-1), torch.randint(0, sae.d_sae, (R,), generator=g))
+    want = acts[torch.arange(R), rf]
+    assert int((want > 0).sum()) > 100
+    got = run_edits(m, sae, toks, es, ep, et, re_, rp, rf, token_budget=700)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), float((got - want).abs().max())
+
+
 def test_weighted_median_token_sets_and_group_median_against_a_loop():
     from famfind.heuristics.mechanism import group_median, token_sets, weighted_median
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,6 +49,12 @@ class HFTokenizer:
 
 
 _GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def _ranges(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``cat([arange(s, s + c) for s, c in zip(starts, counts)])``, vectorised."""
+    offset = torch.cumsum(counts, 0) - counts
+    return torch.arange(int(counts.sum()), device=starts.device) + torch.repeat_interleave(starts - offset, counts)
 
 
 def _gelu_new(x: torch.Tensor) -> torch.Tensor:
@@ -92,6 +99,26 @@ def _check_gpt2_weights(sd: dict[str, torch.Tensor], c: ModelConfig, d_mlp: int,
         bad = int((~torch.isfinite(t)).sum())
         if bad:
             raise FamfindError(wfile, f"tensor {name!r} has {bad} non-finite values (NaN or Inf)")
+
+
+@dataclass
+class SpanCache:
+    """A clean run that :meth:`HFGPT2Model.hook_z_spans` edits: ``q0`` layer 0's queries and
+    ``kv[l]`` layer ``l``'s keys and values, each ``[batch, n_heads, pos, d_head]``."""
+
+    q0: torch.Tensor
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    # layer 0's clean attention, for layers >= 1 (``None`` for a layer-0 cache): per query
+    # position the largest score ``max0 [batch, n_heads, pos]`` and its key ``top0``, the softmax
+    # denominator ``den0 [batch, n_heads, pos]`` and numerator ``num0 [batch, n_heads, pos,
+    # d_head]`` (values weighted by exp(score - max0)), and both without the top key (``den0_x``,
+    # ``num0_x``, summed without it: no cancellation when an edit removes that key)
+    max0: torch.Tensor | None = None
+    top0: torch.Tensor | None = None
+    den0: torch.Tensor | None = None
+    num0: torch.Tensor | None = None
+    den0_x: torch.Tensor | None = None
+    num0_x: torch.Tensor | None = None
 
 
 class HFGPT2Model:
@@ -238,50 +265,190 @@ class HFGPT2Model:
         return out, att
 
     @torch.no_grad()
-    def prefix_cache(self, tokens: torch.Tensor, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each layer's keys and values up to ``layer``, ``[(k, v)]`` with ``k, v [batch, n_heads,
-        pos, d_head]``, of ``tokens [batch, pos]``: the clean prefix :meth:`hook_z_spans` reuses."""
-        x, cache = self._embed(tokens), []
-        B, T, _ = x.shape
+    def prefix_cache(self, tokens: torch.Tensor, layer: int, batch_size: int = 32) -> SpanCache:
+        """The clean run of ``tokens [batch, pos]`` that :meth:`hook_z_spans` and
+        :meth:`hook_z_at` edit (:class:`SpanCache`), ``batch_size`` sequences per forward."""
+        B, T = tokens.shape
         H, dh = self.cfg.n_heads, self.cfg.d_head
-        for lyr in range(layer + 1):
-            qkv = self._ln(x, f"h.{lyr}.ln_1") @ self.sd[f"h.{lyr}.attn.c_attn.weight"] \
-                + self.sd[f"h.{lyr}.attn.c_attn.bias"]
-            q, k, v = (t.view(B, T, H, dh).transpose(1, 2) for t in qkv.split(self.cfg.d_model, dim=-1))
-            cache.append((k, v))
-            if lyr == layer:
-                break
-            z = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
-            x = x + self._attn_out(z, lyr)
-            x = x + self._mlp(x, lyr)
-        return cache
+        parts = []
+        for b in range(0, B, batch_size):
+            x, kv, q0 = self._embed(tokens[b:b + batch_size]), [], None
+            n = x.shape[0]
+            for lyr in range(layer + 1):
+                qkv = self._ln(x, f"h.{lyr}.ln_1") @ self.sd[f"h.{lyr}.attn.c_attn.weight"] \
+                    + self.sd[f"h.{lyr}.attn.c_attn.bias"]
+                q, k, v = (t.view(n, T, H, dh).transpose(1, 2) for t in qkv.split(self.cfg.d_model, dim=-1))
+                kv += [k, v]
+                q0 = q if lyr == 0 else q0
+                if lyr == layer:
+                    break
+                z = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+                x = x + self._attn_out(z, lyr)
+                x = x + self._mlp(x, lyr)
+            part = [q0, *kv]
+            if layer > 0:  # layer 0's softmax sums, with and without each query's top key
+                sc = (q0 @ kv[0].transpose(-1, -2) / math.sqrt(dh)).masked_fill(
+                    ~torch.ones(T, T, dtype=torch.bool, device=x.device).tril(), float("-inf"))
+                mx, top = sc.max(-1)
+                w = sc.sub_(mx[..., None]).exp_()
+                den, num = w.sum(-1), w @ kv[1]
+                w.scatter_(-1, top[..., None], 0.0)
+                part += [mx, top, den, num, w.sum(-1), w @ kv[1]]
+            parts.append(part)
+        cols = [torch.cat(c) for c in zip(*parts)]
+        kv = [(cols[1 + 2 * i], cols[2 + 2 * i]) for i in range(layer + 1)]
+        return SpanCache(cols[0], kv, *cols[2 * layer + 3:]) if layer > 0 else SpanCache(cols[0], kv)
+
+    def _w_q_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``c_attn`` split into its query part and its key-value part (weights, biases), contiguous."""
+        split = self.__dict__.setdefault("_c_attn_split", {})
+        if layer not in split:
+            W, b, d = self.sd[f"h.{layer}.attn.c_attn.weight"], self.sd[f"h.{layer}.attn.c_attn.bias"], self.cfg.d_model
+            split[layer] = (W[:, :d].contiguous(), b[:d].contiguous(), W[:, d:].contiguous(), b[d:].contiguous())
+        return split[layer]
 
     @torch.no_grad()
-    def hook_z_spans(self, cache: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor,
-                     starts: torch.Tensor, spans: torch.Tensor, layer: int) -> torch.Tensor:
-        """hook_z of edited sequences, computed only from where they change: sequence ``e`` is
-        cached sequence ``rows[e]`` (:meth:`prefix_cache`) up to ``starts[e]``, then the tokens
-        ``spans[e]``; returns ``[edits, span, n_heads, d_head]``, hook_z at positions
-        ``starts[e] + j``. Exact (the model is causal, the prefix unchanged); a span past the
-        end of one sequence's real tokens is padding whose outputs mean nothing."""
+    def hook_z_at(self, cache: SpanCache, rows: torch.Tensor, pos: torch.Tensor, edit_at: torch.Tensor,
+                  edit_tok: torch.Tensor, max_floats: int = 1 << 24) -> torch.Tensor:
+        """Layer 0's hook_z of edited sequences at single positions, ``[n, n_heads, d_head]``:
+        row ``i`` is cached sequence ``rows[i]`` (:meth:`prefix_cache`) with token
+        ``edit_tok[i]`` at ``edit_at[i]`` (-1: none), read at ``pos[i]``. The model's input is
+        position-wise, so an edit changes layer 0's query, key and value at its own position
+        only: each row's scores against its sequence's clean keys, with the edited key's score
+        put in, then the clean values plus the edited value's correction. Rows of one sequence
+        share one matmul against its keys (no key is copied per row); ``max_floats`` bounds the
+        score block of one matmul."""
+        n = rows.numel()
+        H, dh, d = self.cfg.n_heads, self.cfg.d_head, self.cfg.d_model
+        q0, (k0, v0) = cache.q0, cache.kv[0]
+        T = q0.shape[2]
+        out = torch.empty(n, H, dh, device=q0.device)
+        if n == 0:
+            return out
+        scale = 1 / math.sqrt(dh)
+        edited = edit_at >= 0
+        xe = self.sd["wte.weight"][edit_tok.clamp_min(0)] + self.sd["wpe.weight"][edit_at.clamp_min(0)]
+        qkv = self._ln(xe, "h.0.ln_1") @ self.sd["h.0.attn.c_attn.weight"] + self.sd["h.0.attn.c_attn.bias"]
+        qe, ke, ve = (t.view(n, H, dh) for t in qkv.split(d, dim=-1))
+        q = torch.where((edited & (pos == edit_at))[:, None, None], qe, q0[rows, :, pos])  # [n, H, dh]
+        se = (q * ke).sum(-1) * scale  # the edited key's score [n, H]
+        order = torch.argsort(rows, stable=True)
+        seqs, counts = torch.unique_consecutive(rows[order], return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(n, device=rows.device) - torch.repeat_interleave(starts, counts)  # within its sequence
+        by_size = torch.argsort(counts, descending=True, stable=True)  # similar sizes share a padded block
+        cnt = counts[by_size].tolist()
+        i = 0
+        while i < len(cnt):  # sequences whose padded score block fits max_floats
+            j, top = i + 1, cnt[i]
+            while j < len(cnt) and (j - i + 1) * top * H * T <= max_floats:
+                j += 1
+            g = by_size[i:j]
+            u = torch.repeat_interleave(torch.arange(j - i, device=rows.device), counts[g])
+            idx = _ranges(starts[g], counts[g])
+            sel, rk = order[idx], rank[idx]  # the rows, and their rank within their sequence
+            s = seqs[g]
+            Q = torch.zeros(j - i, top, H, dh, device=q0.device)
+            Q[u, rk] = q[sel]
+            scores = Q.transpose(1, 2) @ k0[s].transpose(-1, -2) * scale  # [U, H, R, T]
+            P = torch.full((j - i, top), T - 1, dtype=torch.long, device=rows.device)
+            P[u, rk] = pos[sel]
+            at = edit_at[sel]
+            ok = torch.nonzero(edited[sel] & (at <= pos[sel])).flatten()
+            scores[u[ok], :, rk[ok], at[ok]] = se[sel[ok]]
+            keys = torch.arange(T, device=rows.device)
+            pat = scores.masked_fill(keys[None, None, None, :] > P[:, None, :, None], float("-inf")).softmax(-1)
+            z = pat @ v0[s]  # [U, H, R, dh]
+            z[u[ok], :, rk[ok]] += pat[u[ok], :, rk[ok], at[ok]][..., None] * (ve[sel[ok]] - v0[s[u[ok]], :, at[ok]])
+            out[sel] = z[u, :, rk]
+            i = j
+        return out
+
+    def _layer0_span(self, cache: SpanCache, rows: torch.Tensor, pos: torch.Tensor, edit_at: torch.Tensor,
+                     edit_tok: torch.Tensor, z_edit: torch.Tensor | None) -> torch.Tensor:
+        """Layer 0's hook_z ``[E, S, n_heads, d_head]`` of edited sequences at positions ``pos
+        [E, S]``. A position after the edit keeps its query; only its score on the edited key and
+        that key's value change, so its output is the clean softmax sums (:class:`SpanCache`)
+        without the old key's term (the sums kept without the top key when the edit removes it,
+        else a subtraction of at most half the sum) and with the new key's term. The edited
+        position itself (its query changes too) is ``z_edit [E, n_heads, d_head]``, or
+        :meth:`hook_z_at`; positions before the edit, or in an unedited sequence, are clean."""
+        E, S = pos.shape
+        H, dh, d = self.cfg.n_heads, self.cfg.d_head, self.cfg.d_model
+        r, t = rows.repeat_interleave(S), pos.flatten()
+        e = edit_at.repeat_interleave(S)
+        out = cache.num0[r, :, t] / cache.den0[r, :, t, None]  # clean [E*S, H, dh]
+        after = torch.nonzero((e >= 0) & (t > e)).flatten()
+        if after.numel():
+            ed = torch.nonzero(edit_at >= 0).flatten()  # each edit's new key and value, once
+            xe = self.sd["wte.weight"][edit_tok[ed]] + self.sd["wpe.weight"][edit_at[ed]]
+            _, _, Wkv, bkv = self._w_q_kv(0)
+            k_new, v_new = torch.zeros(E, 2, H, dh, device=pos.device).index_copy_(
+                0, ed, (self._ln(xe, "h.0.ln_1") @ Wkv + bkv).view(-1, 2, H, dh)).unbind(1)
+            ei = torch.div(after, S, rounding_mode="floor")  # the edit of each row
+            ra, ta, ea = r[after], t[after], e[after]
+            q = cache.q0[ra, :, ta]  # [n, H, dh]
+            scale = 1 / math.sqrt(dh)
+            m = cache.max0[ra, :, ta]
+            w_old = ((q * cache.kv[0][0][ra, :, ea]).sum(-1) * scale - m).exp()  # [n, H]
+            s_new = (q * k_new[ei]).sum(-1) * scale
+            is_top = cache.top0[ra, :, ta] == ea[:, None]
+            den = torch.where(is_top, cache.den0_x[ra, :, ta], cache.den0[ra, :, ta] - w_old)
+            num = torch.where(is_top[..., None], cache.num0_x[ra, :, ta],
+                              cache.num0[ra, :, ta] - w_old[..., None] * cache.kv[0][1][ra, :, ea])
+            m2 = torch.maximum(m, s_new)
+            keep, w_new = (m - m2).exp(), (s_new - m2).exp()
+            out[after] = (num * keep[..., None] + w_new[..., None] * v_new[ei]) / (den * keep + w_new)[..., None]
+        at = torch.nonzero((e >= 0) & (t == e)).flatten()
+        if at.numel():
+            ei = torch.div(at, S, rounding_mode="floor")
+            out[at] = z_edit[ei] if z_edit is not None else \
+                self.hook_z_at(cache, r[at], t[at], e[at], edit_tok.repeat_interleave(S)[at])
+        return out.view(E, S, H, dh)
+
+    @torch.no_grad()
+    def hook_z_spans(self, cache: SpanCache, rows: torch.Tensor, starts: torch.Tensor, spans: torch.Tensor,
+                     layer: int, edit_at: torch.Tensor, edit_tok: torch.Tensor, q_rows: torch.Tensor,
+                     z_edit: torch.Tensor | None = None) -> torch.Tensor:
+        """hook_z of edited sequences at the positions a caller reads, computed only where the
+        edit changes anything: ``[edits, Q, n_heads, d_head]`` at positions ``starts[e] +
+        q_rows[e, j]``. Sequence ``e`` is cached sequence ``rows[e]`` (:meth:`prefix_cache`)
+        with token ``edit_tok[e]`` at ``edit_at[e]`` (-1: none); ``spans [edits, S]`` are its
+        (edited) tokens from ``starts[e]``, which is at or before the edit and the first read.
+        ``z_edit [edits, n_heads, d_head]``: layer 0's hook_z at each edited position, when the
+        caller has it (:meth:`hook_z_at`). Exact up to float rounding: the model is causal and
+        its input position-wise, so layer 0 changes only through the edited key (see
+        :meth:`_layer0_span`); later layers recompute the span with the clean keys and values
+        before it; the SAE's layer computes queries at ``q_rows`` only."""
         E, S = spans.shape
-        H, dh = self.cfg.n_heads, self.cfg.d_head
-        pos = starts[:, None] + torch.arange(S, device=spans.device)  # [E, S] absolute positions
-        x = self.sd["wte.weight"][spans] + self.sd["wpe.weight"][pos.clamp_max(self.cfg.n_ctx - 1)]
-        Pb = min(int(starts.max()), cache[0][0].shape[2])  # cached keys any edit of the batch reads
-        # keys: the clean prefix (valid before each edit's start), then the span's own (causal)
-        cached_ok = torch.arange(Pb, device=spans.device)[None, :] < starts[:, None]  # [E, Pb]
-        span_ok = torch.ones(S, S, dtype=torch.bool, device=spans.device).tril()  # [query, key]
-        keep = torch.cat([cached_ok[:, None, :].expand(E, S, Pb), span_ok[None].expand(E, S, S)], -1)[:, None]
-        for lyr in range(layer + 1):
-            qkv = self._ln(x, f"h.{lyr}.ln_1") @ self.sd[f"h.{lyr}.attn.c_attn.weight"] \
-                + self.sd[f"h.{lyr}.attn.c_attn.bias"]
-            q, k, v = (t.view(E, S, H, dh).transpose(1, 2) for t in qkv.split(self.cfg.d_model, dim=-1))
-            kc, vc = cache[lyr]
+        H, dh, d = self.cfg.n_heads, self.cfg.d_head, self.cfg.d_model
+        dev = spans.device
+        T = cache.q0.shape[2]
+        Q = q_rows.shape[1]
+        if layer == 0:
+            qp = (starts[:, None] + q_rows).clamp_max(T - 1).flatten()
+            return self.hook_z_at(cache, rows.repeat_interleave(Q), qp, edit_at.repeat_interleave(Q),
+                                  edit_tok.repeat_interleave(Q)).view(E, Q, H, dh)
+        pos = (starts[:, None] + torch.arange(S, device=dev)).clamp_max(T - 1)  # [E, S] absolute positions
+        x = self.sd["wte.weight"][spans] + self.sd["wpe.weight"][pos]
+        x = x + self._attn_out(self._layer0_span(cache, rows, pos, edit_at, edit_tok, z_edit), 0)
+        x = x + self._mlp(x, 0)
+        Pb = min(int(starts.max()), T)  # cached keys any edit of the batch reads
+        cached_ok = torch.arange(Pb, device=dev)[None, :] < starts[:, None]  # [E, Pb]
+        span_idx = torch.arange(S, device=dev)
+        for lyr in range(1, layer + 1):
+            h = self._ln(x, f"h.{lyr}.ln_1")
+            Wq, bq, Wkv, bkv = self._w_q_kv(lyr)
+            k, v = (h @ Wkv + bkv).view(E, S, 2, H, dh).permute(2, 0, 3, 1, 4)  # [E, H, S, dh] each
+            qi = span_idx[None, :].expand(E, S) if lyr < layer else q_rows.clamp_max(S - 1)  # span rows queried
+            hq = h.gather(1, qi[:, :, None].expand(E, qi.shape[1], d))
+            q = (hq @ Wq + bq).view(E, -1, H, dh).transpose(1, 2)
+            kc, vc = cache.kv[lyr]
             K = torch.cat([kc[rows, :, :Pb], k], 2)  # [E, H, Pb + S, dh]
             V = torch.cat([vc[rows, :, :Pb], v], 2)
-            scores = (q @ K.transpose(-1, -2) / math.sqrt(dh)).masked_fill(~keep, float("-inf"))
-            z = (scores.softmax(-1) @ V).transpose(1, 2)  # [E, S, H, dh]
+            keep = torch.cat([cached_ok[:, None, :].expand(E, qi.shape[1], Pb),
+                              span_idx[None, None, :] <= qi[:, :, None]], -1)[:, None]
+            z = F.scaled_dot_product_attention(q, K, V, attn_mask=keep).transpose(1, 2)
             if lyr == layer:
                 return z
             x = x + self._attn_out(z, lyr)
