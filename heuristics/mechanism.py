@@ -584,10 +584,9 @@ class _Edits:
         return self.unigram[torch.randint(0, self.unigram.numel(), (n,), generator=self.gen)]
 
     def _ids(self, s: torch.Tensor, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(s.numel(), dtype=torch.long)
-        for i, key in enumerate(zip(s.tolist(), p.tolist(), x.tolist())):
-            out[i] = self.index.setdefault(key, len(self.index))
-        return out
+        index = self.index
+        return torch.tensor([index.setdefault(key, len(index)) for key in zip(s.tolist(), p.tolist(), x.tolist())],
+                            dtype=torch.long)
 
     def clean(self, s: torch.Tensor) -> torch.Tensor:
         return self._ids(s, torch.full_like(s, -1), torch.full_like(s, -1))
