@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import importlib.util
 import inspect
 import re
@@ -75,11 +76,12 @@ def _outputs_read(cls: type) -> set[type]:
     return found
 
 
-def _outputs_named(cls: type) -> set[type]:
+@functools.cache  # a class's source does not change in a process; parsing it cost ~4 ms per detector per registry
+def _outputs_named(cls: type) -> frozenset[type]:
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError, SyntaxError):
-        return set()
+        return frozenset()
     env = vars(sys.modules[cls.__module__]) if cls.__module__ in sys.modules else {}
     found = set()
     for node in ast.walk(tree):
@@ -93,7 +95,7 @@ def _outputs_named(cls: type) -> set[type]:
                 obj = getattr(env.get(a.value.id), a.attr, None)
             if inspect.isclass(obj) and issubclass(obj, Output):
                 found.add(obj)
-    return found
+    return frozenset(found)
 
 
 @dataclass
