@@ -51,13 +51,19 @@ class ActivationBatch:
     def firing(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(batch_idx, pos, feature)`` of every entry with ``acts > 0``, each ``[n_fired]``,
         in row-major order; computed once per batch and shared by every observer."""
-        return torch.nonzero(self.acts > 0, as_tuple=True)
+        _, T, F = self.acts.shape
+        bt = self._flat_firing // F
+        return bt // T, bt % T, self._flat_firing % F
+
+    @cached_property
+    def _flat_firing(self) -> torch.Tensor:
+        # one flat nonzero, split by integer division: faster than a 3-d nonzero and its 3-index gather
+        return torch.nonzero(self.acts.reshape(-1) > 0).squeeze(1)
 
     @cached_property
     def firing_acts(self) -> torch.Tensor:
         """``[n_fired]`` float32: the activation of each entry of :attr:`firing`."""
-        b, t, f = self.firing
-        return self.acts[b, t, f].float()
+        return self.acts.reshape(-1)[self._flat_firing].float()
 
     def firing_keys(self, seed: int) -> torch.Tensor:
         """``[n_fired]``: :func:`position_keys` of each entry of :attr:`firing` (corpus sequence,

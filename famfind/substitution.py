@@ -11,11 +11,17 @@ one forward.
 The model is causal, so an edit changes nothing before its position and nothing a read needs
 after the last read. Each edit is computed only over ``[start, last read]`` (``start``: the
 edit's position, or its first read when that comes earlier), up to the SAE's layer. A backend
-with a prefix cache (:meth:`famfind.models.gpt2.HFGPT2Model.hook_z_spans`, the GPT-2 fast
-path) reuses the clean sequence's keys and values before ``start``; any other backend runs
-the sequence from its start to the last read. Edits are sorted by length and batched under a
-token budget. The cost is the sum over edits of their computed positions, never
-``d_sae x corpus``.
+with a clean cache (:meth:`famfind.models.gpt2.HFGPT2Model.prefix_cache`, the GPT-2 fast path)
+goes further, exactly up to float rounding. The model's input is position-wise, so at layer 0
+an edit changes only its own position's query, key and value: a layer-0 SAE's read is one
+attention row against the clean keys with the edited key put in
+(:meth:`~famfind.models.gpt2.HFGPT2Model.hook_z_at`), no span at all; for a later layer's SAE
+the span's layer-0 outputs come from the clean softmax sums with the edited key's term swapped,
+the later layers reuse the clean keys and values before ``start``, and the SAE's layer computes
+queries at each edit's distinct read positions only
+(:meth:`~famfind.models.gpt2.HFGPT2Model.hook_z_spans`). Any other backend runs the sequence
+from its start to the last read. Edits are sorted by length and batched under a token budget.
+The cost is the sum over edits of their computed positions, never ``d_sae x corpus``.
 """
 
 from __future__ import annotations

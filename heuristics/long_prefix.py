@@ -137,7 +137,8 @@ class LongPrefixFeatures(Heuristic):
         for k in range(1, o.max_prefix + 1):
             toks, dest, src = _prompts(m, o, k, o.n_seqs * Bs.numel(), ctx.generator)
             toks[:, src] = Bs.repeat_interleave(o.n_seqs)
-            acts = encode_last(m, ctx.sae, toks[:, :dest + 1], batch_size=256,
+            per = max(1, ctx.config.batch_size * ctx.corpus.tokens.shape[1] // (dest + 1))  # the pass's tokens per forward
+            acts = encode_last(m, ctx.sae, toks[:, :dest + 1], batch_size=per,
                                device=ctx.config.device)[:, feats] > 0  # [nB * n_seqs, n_tested]
             fired = acts.view(Bs.numel(), o.n_seqs, -1).float().mean(1)  # [nB, n_tested]
             rate[k - 1, feats] = fired[block, torch.arange(feats.numel())]
