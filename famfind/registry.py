@@ -28,6 +28,7 @@ from famfind.plugins import NEEDS, SCOPES, Heuristic, Output, stored_tables
 from famfind.schema import CORE_NAMES, Table, View
 
 ENTRY_POINT_GROUP = "famfind.heuristics"
+BUILTIN_PREFIX = "famfind.heuristics."  # the built-in detectors' modules
 ID_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -60,10 +61,17 @@ def validate_class(cls: type, origin: str) -> None:
         if not isinstance(t, Table) or t.name in CORE_NAMES:
             raise FamfindError(origin, f"detector {hid!r}: table {getattr(t, 'name', t)!r} is not a Table "
                                "or is a core table")
-    undeclared = _outputs_read(cls) - set(cls.requires) - {cls.produces}
+    if cls.__module__.startswith(BUILTIN_PREFIX):
+        return  # the built-ins' requires are checked by the tests (parsing their source cost ~0.8 s per process)
+    undeclared = undeclared_reads(cls)
     if undeclared:
         raise FamfindError(origin, f"detector {hid!r} reads {sorted(t.__name__ for t in undeclared)[0]} "
                            "but does not list it in requires")
+
+
+def undeclared_reads(cls: type) -> set[type]:
+    """Output types the class reads with ``ctx.output(T)`` but neither requires nor produces."""
+    return _outputs_read(cls) - set(cls.requires) - {cls.produces}
 
 
 def _outputs_read(cls: type) -> set[type]:

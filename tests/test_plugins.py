@@ -164,3 +164,13 @@ def test_a_plugin_drawing_random_numbers_changes_no_builtin_result(planted_paths
     sa, sb = a.output(HeadRoleScores).scores, b.output(HeadRoleScores).scores  # from random prompts
     assert all(torch.equal(sa[k][lyr], sb[k][lyr]) for k in sa for lyr in range(len(sa[k])))
     assert torch.equal(a.output(InductionFamily).control, b.output(InductionFamily).control)
+
+
+def test_every_built_in_detector_requires_what_it_reads():
+    """Registration skips the source check for the built-ins (famfind.heuristics.*), so it runs here."""
+    from famfind.registry import BUILTIN_PREFIX, default_registry, undeclared_reads
+
+    reg = default_registry()
+    built_in = [reg.get(h).cls for h in reg.ids() if reg.get(h).cls.__module__.startswith(BUILTIN_PREFIX)]
+    assert len(built_in) >= 26
+    assert {c.id: sorted(t.__name__ for t in undeclared_reads(c)) for c in built_in if undeclared_reads(c)} == {}
