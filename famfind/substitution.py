@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-CACHE_FLOATS = 1 << 26  # clean keys and values cached at once (256 MB of float32)
+CACHE_FLOATS = 1 << 26  # numbers of a clean run cached at once (256 MB of float32)
 
 
 @torch.no_grad()
@@ -139,9 +139,12 @@ def _run_layer0(model, sae, tokens, e_seq, e_pos, e_tok, r_edit, r_pos, r_feat, 
 
 
 def _seqs_per_cache(model, layer: int, seq_len: int) -> int:
-    """Sequences whose clean run (layer 0's queries, every layer's keys and values up to
-    ``layer``) fits :data:`CACHE_FLOATS`."""
-    return max(1, CACHE_FLOATS // ((2 * layer + 3) * seq_len * model.cfg.d_model))
+    """Sequences whose clean run (:class:`~famfind.models.gpt2.SpanCache`: layer 0's queries,
+    every layer's keys and values up to ``layer``, and for ``layer >= 1`` layer 0's softmax
+    sums) fits :data:`CACHE_FLOATS`."""
+    d, T = model.cfg.d_model, seq_len
+    per_seq = (2 * layer + 3) * T * d + (2 * T * d + 5 * T * model.cfg.n_heads if layer else 0)
+    return max(1, CACHE_FLOATS // per_seq)
 
 
 def _batches(used: torch.Tensor, e_seq: torch.Tensor, length: torch.Tensor, start: torch.Tensor, budget: int,

@@ -374,7 +374,7 @@ class HFGPT2Model:
         position itself (its query changes too) is ``z_edit [E, n_heads, d_head]``, or
         :meth:`hook_z_at`; positions before the edit, or in an unedited sequence, are clean."""
         E, S = pos.shape
-        H, dh, d = self.cfg.n_heads, self.cfg.d_head, self.cfg.d_model
+        H, dh = self.cfg.n_heads, self.cfg.d_head
         r, t = rows.repeat_interleave(S), pos.flatten()
         e = edit_at.repeat_interleave(S)
         out = cache.num0[r, :, t] / cache.den0[r, :, t, None]  # clean [E*S, H, dh]
