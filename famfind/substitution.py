@@ -51,10 +51,12 @@ def run_edits(model, sae, tokens: torch.Tensor, e_seq: torch.Tensor, e_pos: torc
     last = torch.full((n_edits,), -1, dtype=torch.long).scatter_reduce_(0, r_edit, r_pos, reduce="amax")
     first = torch.full((n_edits,), tokens.shape[1], dtype=torch.long).scatter_reduce_(0, r_edit, r_pos, reduce="amin")
     used = torch.nonzero(last >= 0).flatten()
-    cached = hasattr(model, "hook_z_spans") and hasattr(model, "prefix_cache")
+    cached = hasattr(model, "prefix_cache")  # with hook_z_at and hook_z_spans (the GPT-2 fast path)
     T = tokens.shape[1]
-    if cached and sae.layer == 0 and hasattr(model, "hook_z_at"):
-        return _run_layer0(model, sae, tokens, e_seq, e_pos, e_tok, r_edit, r_pos, r_feat, device)
+    # the distinct read positions of each edit (sorted by edit, then position) and each read's pair
+    pair, r_pair = torch.unique(r_edit * T + r_pos, return_inverse=True)
+    if cached and sae.layer == 0:
+        return _run_layer0(model, sae, tokens, e_seq, e_pos, e_tok, pair, r_pair, r_feat, device)
     start = torch.where(e_pos >= 0, torch.minimum(e_pos, first), first) if cached else torch.zeros_like(first)
     length = last - start + 1
     # cost of an edit in a forward: its positions plus the cached keys it reads before them
@@ -64,9 +66,7 @@ def run_edits(model, sae, tokens: torch.Tensor, e_seq: torch.Tensor, e_pos: torc
     rank[torch.cat([b for _, b in batches])] = torch.arange(used.numel())
     r_order = torch.argsort(rank[r_edit], stable=True)
     r_rank = rank[r_edit][r_order]
-    # the distinct read positions of each edit (sorted by edit, then position) and each read's rank among them
-    pair, r_pair = torch.unique(r_edit * T + r_pos, return_inverse=True)
-    p_edit = pair // T
+    p_edit = pair // T  # each read's rank among its edit's distinct read positions: p_rank[r_pair]
     n_pairs = torch.bincount(p_edit, minlength=n_edits)
     p_rank = torch.arange(pair.numel()) - (torch.cumsum(n_pairs, 0) - n_pairs)[p_edit]
     done, cache_key, cache, z_edit = 0, None, None, None
@@ -83,13 +83,13 @@ def run_edits(model, sae, tokens: torch.Tensor, e_seq: torch.Tensor, e_pos: torc
         if cached:
             if cache_key is not chunk:
                 cache, cache_key = model.prefix_cache(tokens[chunk].to(device), sae.layer), chunk
-                z_edit = _edit_rows(model, cache, chunk, e_seq, e_pos, e_tok, first, last, device)
+                z_edit = _edit_rows(model, cache, chunk, e_seq, e_pos, e_tok, last, device)
             rows = torch.searchsorted(chunk, e_seq[grp])
             q_rows = torch.zeros(grp.numel(), int(n_pairs[grp].max()), dtype=torch.long)
             q_rows[e, p_rank[r_pair[rs]]] = r_pos[rs] - s0[e]  # each edit's distinct read positions (0 pads)
             z = model.hook_z_spans(cache, rows.to(device), s0.to(device), toks.to(device), sae.layer,
                                    e_pos[grp].to(device), e_tok[grp].clamp_min(0).to(device), q_rows.to(device),
-                                   None if z_edit is None else z_edit[grp].to(device))
+                                   z_edit[grp].to(device))
             x = z[e.to(z.device), p_rank[r_pair[rs]].to(z.device)]
         else:
             z = model.run_hook_z(toks.to(device), sae.layer)  # [edits, L, n_heads, d_head]
@@ -99,11 +99,9 @@ def run_edits(model, sae, tokens: torch.Tensor, e_seq: torch.Tensor, e_pos: torc
     return out
 
 
-def _edit_rows(model, cache, chunk, e_seq, e_pos, e_tok, first, last, device) -> torch.Tensor | None:
+def _edit_rows(model, cache, chunk, e_seq, e_pos, e_tok, last, device) -> torch.Tensor:
     """Layer 0's hook_z at each edited position of the chunk's edits that a read sees,
     ``[n_edits, n_heads, d_head]`` (other rows 0), in one :meth:`hook_z_at` call."""
-    if not hasattr(model, "hook_z_at"):
-        return None
     ids = torch.nonzero(torch.isin(e_seq, chunk) & (e_pos >= 0) & (e_pos <= last)).flatten()
     out = torch.zeros(e_seq.numel(), model.cfg.n_heads, model.cfg.d_head)
     if ids.numel():
@@ -113,13 +111,13 @@ def _edit_rows(model, cache, chunk, e_seq, e_pos, e_tok, first, last, device) ->
     return out
 
 
-def _run_layer0(model, sae, tokens, e_seq, e_pos, e_tok, r_edit, r_pos, r_feat, device) -> torch.Tensor:
+def _run_layer0(model, sae, tokens, e_seq, e_pos, e_tok, pair, inv, r_feat, device) -> torch.Tensor:
     """:func:`run_edits` for a layer-0 SAE: an edit changes layer 0's query, key and value at its
-    own position only, so each distinct ``(edit, read position)`` is one row of
+    own position only, so each distinct ``(edit, read position)`` (``pair``: edit x seq_len +
+    position; ``inv``: each read's pair) is one row of
     :meth:`~famfind.models.gpt2.HFGPT2Model.hook_z_at` against the clean cache, no span re-run."""
-    out = torch.zeros(r_edit.numel())
+    out = torch.zeros(inv.numel())
     T = tokens.shape[1]
-    pair, inv = torch.unique(r_edit * T + r_pos, return_inverse=True)  # distinct (edit, position)
     p_edit, p_pos = pair // T, pair % T
     p_seq = e_seq[p_edit]
     seqs = torch.unique(p_seq)

@@ -365,14 +365,14 @@ class HFGPT2Model:
         return out
 
     def _layer0_span(self, cache: SpanCache, rows: torch.Tensor, pos: torch.Tensor, edit_at: torch.Tensor,
-                     edit_tok: torch.Tensor, z_edit: torch.Tensor | None) -> torch.Tensor:
+                     edit_tok: torch.Tensor, z_edit: torch.Tensor) -> torch.Tensor:
         """Layer 0's hook_z ``[E, S, n_heads, d_head]`` of edited sequences at positions ``pos
         [E, S]``. A position after the edit keeps its query; only its score on the edited key and
         that key's value change, so its output is the clean softmax sums (:class:`SpanCache`)
         without the old key's term (the sums kept without the top key when the edit removes it,
         else a subtraction of at most half the sum) and with the new key's term. The edited
-        position itself (its query changes too) is ``z_edit [E, n_heads, d_head]``, or
-        :meth:`hook_z_at`; positions before the edit, or in an unedited sequence, are clean."""
+        position itself (its query changes too) is ``z_edit [E, n_heads, d_head]``
+        (:meth:`hook_z_at`); positions before the edit, or in an unedited sequence, are clean."""
         E, S = pos.shape
         H, dh = self.cfg.n_heads, self.cfg.d_head
         r, t = rows.repeat_interleave(S), pos.flatten()
@@ -400,35 +400,30 @@ class HFGPT2Model:
             keep, w_new = (m - m2).exp(), (s_new - m2).exp()
             out[after] = (num * keep[..., None] + w_new[..., None] * v_new[ei]) / (den * keep + w_new)[..., None]
         at = torch.nonzero((e >= 0) & (t == e)).flatten()
-        if at.numel():
-            ei = torch.div(at, S, rounding_mode="floor")
-            out[at] = z_edit[ei] if z_edit is not None else \
-                self.hook_z_at(cache, r[at], t[at], e[at], edit_tok.repeat_interleave(S)[at])
+        out[at] = z_edit[torch.div(at, S, rounding_mode="floor")]
         return out.view(E, S, H, dh)
 
     @torch.no_grad()
     def hook_z_spans(self, cache: SpanCache, rows: torch.Tensor, starts: torch.Tensor, spans: torch.Tensor,
                      layer: int, edit_at: torch.Tensor, edit_tok: torch.Tensor, q_rows: torch.Tensor,
-                     z_edit: torch.Tensor | None = None) -> torch.Tensor:
-        """hook_z of edited sequences at the positions a caller reads, computed only where the
-        edit changes anything: ``[edits, Q, n_heads, d_head]`` at positions ``starts[e] +
-        q_rows[e, j]``. Sequence ``e`` is cached sequence ``rows[e]`` (:meth:`prefix_cache`)
-        with token ``edit_tok[e]`` at ``edit_at[e]`` (-1: none); ``spans [edits, S]`` are its
-        (edited) tokens from ``starts[e]``, which is at or before the edit and the first read.
-        ``z_edit [edits, n_heads, d_head]``: layer 0's hook_z at each edited position, when the
-        caller has it (:meth:`hook_z_at`). Exact up to float rounding: the model is causal and
-        its input position-wise, so layer 0 changes only through the edited key (see
-        :meth:`_layer0_span`); later layers recompute the span with the clean keys and values
-        before it; the SAE's layer computes queries at ``q_rows`` only."""
+                     z_edit: torch.Tensor) -> torch.Tensor:
+        """hook_z at ``layer >= 1`` of edited sequences at the positions a caller reads, computed
+        only where the edit changes anything: ``[edits, Q, n_heads, d_head]`` at positions
+        ``starts[e] + q_rows[e, j]``. Sequence ``e`` is cached sequence ``rows[e]``
+        (:meth:`prefix_cache`) with token ``edit_tok[e]`` at ``edit_at[e]`` (-1: none); ``spans
+        [edits, S]`` are its (edited) tokens from ``starts[e]``, which is at or before the edit and
+        the first read; ``z_edit [edits, n_heads, d_head]`` is layer 0's hook_z at each edited
+        position (:meth:`hook_z_at`, which is also the whole answer for a layer-0 SAE). Exact up
+        to float rounding: the model is causal and its input position-wise, so layer 0 changes
+        only through the edited key (see :meth:`_layer0_span`); later layers recompute the span
+        with the clean keys and values before it; the SAE's layer computes queries at ``q_rows``
+        only. Raises ``ValueError`` for ``layer`` 0."""
+        if layer == 0:
+            raise ValueError("hook_z_spans is for layers >= 1; a layer-0 read is one hook_z_at row")
         E, S = spans.shape
         H, dh, d = self.cfg.n_heads, self.cfg.d_head, self.cfg.d_model
         dev = spans.device
         T = cache.q0.shape[2]
-        Q = q_rows.shape[1]
-        if layer == 0:
-            qp = (starts[:, None] + q_rows).clamp_max(T - 1).flatten()
-            return self.hook_z_at(cache, rows.repeat_interleave(Q), qp, edit_at.repeat_interleave(Q),
-                                  edit_tok.repeat_interleave(Q)).view(E, Q, H, dh)
         pos = (starts[:, None] + torch.arange(S, device=dev)).clamp_max(T - 1)  # [E, S] absolute positions
         x = self.sd["wte.weight"][spans] + self.sd["wpe.weight"][pos]
         x = x + self._attn_out(self._layer0_span(cache, rows, pos, edit_at, edit_tok, z_edit), 0)
