@@ -17,7 +17,9 @@ corpus's unigram distribution (``X`` removed) with ``X`` planted:
 The prompts of many trigger tokens share one forward (as many positions as one batch of the
 activation pass); each feature is read only on its own trigger's prompts.
 
-Pass rate = passing prompts / ``n_prompts``; > 0.6 passes. ``previous_token_ablation``
+Pass rate = passing prompts / ``n_prompts``; > 0.6 passes. A layer with no role head has no
+selected feature and no validation row, so its control prompts are not run (500 controls x 16
+prompts x 32 tokens: ~85 s per detector on a 2-core CPU at GPT-2-small shape). ``previous_token_ablation``
 then mean-ablates the previous-token heads, as the paper does for induction heads
 (:func:`famfind.families.mean_ablation`).
 """
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from famfind.families import (FamilyOutcome, attribution_groups, encode_all, family_result, head_names,
+from famfind.families import (FamilyOutcome, Groups, attribution_groups, encode_all, family_result, head_names,
                                mode_per_feature, role_heads)
 from famfind.heuristics.attribution import HeadAttributionMatrix
 from famfind.heuristics.head_roles import HeadRoleScores
@@ -80,9 +82,13 @@ class _TokenRoleFeatures(Heuristic):
         scores = ctx.output(HeadRoleScores).scores[self.metric][ctx.layer]
         heads = role_heads(scores, o.head_threshold)
         att = ctx.output(HeadAttributionMatrix).attribution
+        F = att.shape[0]
+        if not heads:  # no head of this layer has the role: an empty family with no validation row, nothing to test
+            none = torch.zeros(F, dtype=torch.bool)
+            return family_result(self.produces, self.family, Groups(none, none, torch.zeros(F)), torch.zeros(F),
+                                 none, role_heads=[])
         g = attribution_groups(att, heads, ~ctx.stats.dead, o.selection_threshold,
                                o.control_max_attribution, o.control_size, ctx.generator)
-        F = att.shape[0]
         trig = trigger_tokens(ctx.stats, ctx.corpus.tokens, self.offset)
         rate = torch.zeros(F)
         feats = torch.nonzero((g.selected | g.control) & (trig >= 0)).flatten()

@@ -220,3 +220,24 @@ def test_tables_coverage_and_the_unexplained_by_cluster(families_scan):
     rows = json.loads(out.output)
     live = 160 - len(pf.F_DEAD)
     assert sum(r["n"] for r in rows) == live - n_members
+
+
+@pytest.mark.parametrize("detector", ["previous_token_features", "duplicate_token_features"])
+def test_a_layer_without_the_role_head_runs_no_prompts(detector):
+    """No head of the SAE's layer reaches the role threshold: the family is empty with no
+    validation row, and the detector returns before it samples controls or runs a prompt (the
+    ctx below has no stats, corpus, model or SAE: any use of them raises)."""
+    from types import SimpleNamespace
+
+    from famfind.heuristics.token_roles import DuplicateTokenFeatures, PreviousTokenFeatures
+
+    cls = {"previous_token_features": PreviousTokenFeatures, "duplicate_token_features": DuplicateTokenFeatures}[detector]
+    F, H = 64, 4
+    scores = {m: torch.full((2, H), 0.3) for m in ("previous_token", "duplicate_token", "induction")}
+    scores[cls.metric][0, 1] = 0.9  # a role head in layer 0, none in the SAE's layer 1
+    outs = {HeadRoleScores: HeadRoleScores(scores, 0.4, [], "0.0", 0.3),
+            HeadAttributionMatrix: HeadAttributionMatrix(torch.full((F, H), 1 / H))}
+    ctx = SimpleNamespace(layer=1, output=outs.__getitem__)
+    res = cls().run(ctx)
+    assert res.validation == [] and res.families == [] and res.detections == []
+    assert not res.output.selected.any() and not res.output.control.any() and res.output.role_heads == []
