@@ -148,7 +148,8 @@ def child_scan(spec: dict) -> None:
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     res = run_scan(ScanConfig(sae=tuple(spec["saes"]), corpus=spec["corpus"], seq_len=SEQ, device=dev,
-                              batch_size=spec["batch_size"], autocast=spec["autocast"], select=tuple(spec.get("select", ())), skip=tuple(spec.get("skip", ()))))
+                              batch_size=spec["batch_size"], autocast=spec["autocast"], select=tuple(spec.get("select", ())), skip=tuple(spec.get("skip", ())),
+                              detector_options=spec.get("options", {})))
     scan_s = time.perf_counter() - t
     db = Path(spec["out"]) / "scan.duckdb"
     t = time.perf_counter()
@@ -166,6 +167,7 @@ def child_scan(spec: dict) -> None:
     det = sorted(((r.seconds, r.id) for r in res.runs), reverse=True)
     print(json.dumps({
         "detectors_s": sum(x for x, _ in det), "slowest": [[i, round(x, 1)] for x, i in det[:5]],
+        "mechanism_s": next((x for x, i in det if i == "feature_mechanism"), None),
         "scan_s": scan_s, "write_s": write_s, "html_s": html_s, "n_families": n_fam, "failed": failed,
         "rss_mib": peak_rss_mib(),
         "gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.startswith("cuda") else None,
@@ -183,6 +185,8 @@ def main() -> None:
     ap.add_argument("--autocast", default="none", choices=("none", "bf16", "fp16"))
     ap.add_argument("--skip-pass", action="store_true", help="no activation-pass table")
     ap.add_argument("--skip-scan", action="store_true", help="no full-scan table")
+    ap.add_argument("--set", action="append", default=[], metavar="DETECTOR.KEY=VALUE",
+                    help="a detector option for the full scans, as famfind scan --set (repeatable)")
     ap.add_argument("--skip", default="", help="comma-separated detectors the full scans leave out (with what "
                     "requires them), e.g. feature_mechanism,head_polysemanticity: the rest of the scan on its own")
     ap.add_argument("--saedashboard-python", default=None,
@@ -295,6 +299,18 @@ def run(args, device: str, sizes: list[int], scan_sizes: list[int], tmp: Path) -
               f"{sd['seconds']:.1f} s\n  ratio SAEDashboard / famfind: {sd['seconds'] / fam_s:.1f}x", flush=True)
 
 
+def detector_options(specs: list[str]) -> dict:
+    """``DETECTOR.KEY=VALUE`` strings (``famfind scan --set``) as ``{detector: {key: value}}``."""
+    out: dict = {}
+    for spec in specs:
+        name, _, value = spec.partition("=")
+        det, _, key = name.partition(".")
+        if not (det and key and _):
+            raise SystemExit(f"--set: expected DETECTOR.KEY=VALUE, got {spec!r}")
+        out.setdefault(det, {})[key] = value
+    return out
+
+
 def scan_table(args, device, bs, paths, scan_sizes, tmp, corpus_of, child, mid) -> None:
     what = f"layer-{mid.layer} SAE" if len(paths) == 1 else f"all {len(paths)} SAEs"
     skip = [x for x in args.skip.split(",") if x]
@@ -305,7 +321,7 @@ def scan_table(args, device, bs, paths, scan_sizes, tmp, corpus_of, child, mid) 
         out.mkdir()
         t = time.perf_counter()
         d = child({"saes": paths, "corpus": str(corpus_of(n_tok)), "device": device, "batch_size": bs,
-                   "autocast": args.autocast, "out": str(out), "skip": skip})
+                   "autocast": args.autocast, "out": str(out), "skip": skip, "options": detector_options(args.set)})
         if isinstance(d, str):
             print(f"{n_tok:>11,} tokens: the scan failed:\n{d}")
             continue
@@ -317,6 +333,9 @@ def scan_table(args, device, bs, paths, scan_sizes, tmp, corpus_of, child, mid) 
         print(f"             of the scan: detectors {d['detectors_s']:.1f} s (slowest: "
               f"{', '.join(f'{i} {x} s' for i, x in d['slowest'])}), the rest (loading, activation pass) "
               f"{d['scan_s'] - d['detectors_s']:.1f} s", flush=True)
+        if d["mechanism_s"] is not None:
+            print(f"             feature_mechanism {d['mechanism_s']:.1f} s"
+                  + (f" ({', '.join(args.set)})" if args.set else ""), flush=True)
         if d["failed"]:
             print(f"             detectors that did not run: {'; '.join(d['failed'])}")
 

@@ -36,6 +36,10 @@ has no positive source (the feature's bias carries it) count in ``unsourced_shar
   of source and current token shows up here, not in plain ``sufficiency``). The windows are
   positions of ``n_pool`` held-out sequences, in full context.
 
+``max_tested`` (default 0: every feature) runs the tests on a seeded random sample of that
+many features with a record (:func:`tested_sample`), for scans at users' scale; the others keep
+their record, untested.
+
 *Mechanism families*: validated records grouped by class and top head (``previous_token_via_0.0``,
 ``long_range_via_1.2``, ...), each with a validation row (selected: tested records of the group;
 passed: validated; control / control passed: the same features' control substitution) and the
@@ -56,6 +60,7 @@ from dataclasses import dataclass
 import torch
 
 from famfind.activations import encode_hook
+from famfind.errors import FamfindError
 from famfind.heuristics.dfa import SourceSamples
 from famfind.plugins import Column, Detection, FamilyMember, Heuristic, Options, Output, Result, Table, Validation
 from famfind.sources import sequence_keys
@@ -78,6 +83,13 @@ class MechanismOptions(Options):
     n_windows: int = 8  # sufficiency windows per feature (random, and in context)
     n_pool: int = 64  # held-out sequences the sufficiency windows come from
     token_budget: int = 0  # positions (plus cached keys) per re-run forward; 0: 2 x the scan's batch_size x seq_len
+    max_tested: int = 0  # features the causal tests run on: 0, every feature with a record; N > 0, a seeded random
+    # sample of N of them (records are still formed for every live feature): for scans at users' scale, where the
+    # tests cost ~540 re-run positions per feature through every layer up to the SAE's
+
+    def __post_init__(self):
+        if self.max_tested < 0:
+            raise FamfindError("options of feature_mechanism", f"max_tested must be >= 0, got {self.max_tested}")
 
 
 @dataclass(frozen=True)
@@ -89,7 +101,8 @@ class MechanismRecords(Output):
     ``n_tested``, ``n_validated``, ``n_control_passed``; ``gate_ok``: control-passing share <=
     ``control_ratio`` x validated share; ``classes``; ``by_class`` records per class;
     ``n_sufficient`` / ``n_sufficient_in_context``: features firing in >= half their planted
-    windows; ``n_families`` with members."""
+    windows; ``n_families`` with members; ``n_chosen``: features with a record the causal tests
+    ran on (``n_records`` unless ``max_tested`` sampled them)."""
 
     mechanism: torch.Tensor
     top_head: torch.Tensor
@@ -110,6 +123,7 @@ class MechanismRecords(Output):
     n_sufficient: int
     n_sufficient_in_context: int
     n_families: int
+    n_chosen: int
 
 
 def _segments(group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,8 +256,9 @@ class FeatureMechanism(Heuristic):
         unigram = tokens.reshape(-1)
         gen = ctx.generator
         in_set = _Membership(rec["src_sets"], F)
-        tests = self._necessity(ctx, samp, rec, in_set, unigram, budget, gen)
-        suff = self._sufficiency(ctx, rec, in_set, unigram, budget, gen, live)
+        chosen = tested_sample(live & (rec["mechanism"] >= 0), o.max_tested, ctx.config.seed)
+        tests = self._necessity(ctx, samp, rec, in_set, unigram, budget, gen, chosen)
+        suff = self._sufficiency(ctx, rec, in_set, unigram, budget, gen, chosen)
         validated = (tests["n_tested"] >= o.min_tested) & (tests["necessity"] >= o.necessity_threshold)
         tested = tests["n_tested"] >= o.min_tested
         ctl_pass = tested & (tests["necessity_control"] >= o.necessity_threshold)
@@ -305,7 +320,8 @@ class FeatureMechanism(Heuristic):
         out = MechanismRecords(rec["mechanism"], rec["top_head"], rec["top_distance"], tests["n_tested"],
                                tests["necessity"], tests["necessity_control"], validated & live, family,
                                int(live.sum()), int((live & (rec["mechanism"] >= 0)).sum()), n_tested, n_val, n_ctl,
-                               bool(gate_ok), list(CLASSES), dict(by_class), int(suff_ok.sum()), int(ctx_ok.sum()), n_fam)
+                               bool(gate_ok), list(CLASSES), dict(by_class), int(suff_ok.sum()), int(ctx_ok.sum()), n_fam,
+                               int(chosen.sum()))
         return Result(output=out, detections=dets, families=fams, validation=vals,
                       tables={"feature_mechanism": self.tables[0].frame(rows)})
 
@@ -358,13 +374,13 @@ class FeatureMechanism(Heuristic):
                 "form_keys": torch.unique(f * tokens.numel() + seq * T + pos)}
 
     # --- necessity ---------------------------------------------------------------------
-    def _necessity(self, ctx, samp, rec, in_set, unigram, budget, gen) -> dict:
+    def _necessity(self, ctx, samp, rec, in_set, unigram, budget, gen, chosen) -> dict:
         o, tokens = self.options, ctx.corpus.tokens
         F, T = ctx.sae.d_sae, tokens.shape[1]
         h = samp.held_out
         k, f = torch.nonzero(h.seq >= 0, as_tuple=True)
         seq, pos, src, ptot = h.seq[k, f], h.pos[k, f], h.src_pos[k, f, 0], h.pos_total[k, f]
-        keep = (ptot > 0) & (rec["mechanism"][f] >= 0) & \
+        keep = (ptot > 0) & chosen[f] & \
             ~torch.isin(f * tokens.numel() + seq * T + pos, rec["form_keys"])  # never a formation position
         f, seq, pos, src = f[keep], seq[keep], pos[keep], src[keep]
         n = f.numel()
@@ -397,7 +413,7 @@ class FeatureMechanism(Heuristic):
                 "median_drop": group_median(f[ok], drop1[ok], F)}
 
     # --- sufficiency -------------------------------------------------------------------
-    def _sufficiency(self, ctx, rec, in_set, unigram, budget, gen, live) -> dict:
+    def _sufficiency(self, ctx, rec, in_set, unigram, budget, gen, chosen) -> dict:
         o, tokens = self.options, ctx.corpus.tokens
         F, (n_seq, T) = ctx.sae.d_sae, tokens.shape
         nan = torch.full((F,), float("nan"))
@@ -408,7 +424,7 @@ class FeatureMechanism(Heuristic):
         if odd.numel() == 0 or o.n_windows <= 0:
             return out
         pool = odd[torch.argsort(sequence_keys(ctx.config.seed, odd))[:o.n_pool]]
-        feats = torch.nonzero(live & (rec["mechanism"] >= 0)).flatten()
+        feats = torch.nonzero(chosen).flatten()
         if feats.numel() == 0:
             return out
         # which features fire at each pool position (clean, full context): sorted keys pool position * F + feature
@@ -485,6 +501,9 @@ class FeatureMechanism(Heuristic):
                      f"token removes >= 50% of the activation at >= 60% of positions; control (a random other source): "
                      f"{ctl:,} ({ctl / max(ten, 1):.1%} of tested; gate {'met' if s['gate_ok'] else 'NOT met'}: "
                      f"<= a tenth of {val / max(ten, 1):.1%})")
+        if s.get("n_chosen", s["n_records"]) < s["n_records"]:
+            section.line(f"the causal tests ran on a random sample of {s['n_chosen']:,} of the {s['n_records']:,} "
+                         f"records (option max_tested); the other records are untested")
         section.line("classes: " + ", ".join(f"{c} {s['by_class'].get(c, 0):,}" for c in s["classes"])
                      + f"; sufficient alone (fires in >= half the planted windows): {s['n_sufficient']:,}, "
                      f"in context: {s['n_sufficient_in_context']:,} (records claim necessity, not sufficiency)")
@@ -497,16 +516,19 @@ class FeatureMechanism(Heuristic):
 
     @classmethod
     def html_part(cls, section) -> dict:
+        s = section.summary or {}
+        sampled = s.get("n_chosen", s.get("n_records", 0)) < s.get("n_records", 0)
         return {"features": section.per_feature(
             "SELECT feature, mechanism, top_head, top_distance, source_token_strs, round(necessity, 2) AS nec, "
             "round(necessity_control, 2) AS ctl, round(sufficiency, 2) AS suf, round(sufficiency_in_context, 2) AS "
             "sic, validated FROM feature_mechanism WHERE scan_id = ? AND sae = ?",
-            lambda r, card: card.__setitem__("mechanism", mechanism_line(r)))}
+            lambda r, card: card.__setitem__("mechanism", mechanism_line(r, sampled)))}
 
 
-def mechanism_line(r: dict) -> str:
+def mechanism_line(r: dict, sampled: bool = False) -> str:
     """One line of a feature's mechanism record, e.g. ``reads {' (', ' ['} at distance 1 via
-    0.0 (previous_token); necessity 0.94 (control 0.03), sufficiency 0.12, in context 0.41``."""
+    0.0 (previous_token); necessity 0.94 (control 0.03), sufficiency 0.12, in context 0.41``.
+    ``sampled``: the causal tests ran on a sample of the records (``max_tested``)."""
     if r.get("mechanism") is None:
         return "no mechanism record (no position with a positive DFA source)"
     toks = ", ".join(repr(t) for t in (r.get("source_token_strs") or [])[:6])
@@ -518,9 +540,27 @@ def mechanism_line(r: dict) -> str:
         return "-" if x is None else f"{x:.2f}"
 
     if r.get("nec") is None:
-        return line + "; untested (too few held-out positions)"
+        return line + ("; untested (not in the max_tested sample, or too few held-out positions)" if sampled
+                       else "; untested (too few held-out positions)")
     return (line + f"; necessity {f2(r['nec'])} (control {f2(r['ctl'])}), sufficiency {f2(r['suf'])}, "
             f"in context {f2(r['sic'])}" + ("" if r.get("validated") else "; not validated"))
+
+
+def tested_sample(eligible: torch.Tensor, max_tested: int, seed: int) -> torch.Tensor:
+    """The features the causal tests run on, bool ``[d_sae]``: every ``eligible`` one when
+    ``max_tested`` is 0 or at least their number, else the ``max_tested`` eligible features with
+    the smallest seeded hash of their index (:func:`famfind.sources.sequence_keys`), the same
+    sample for a seed whatever else the scan runs. Raises ``ValueError`` for a negative
+    ``max_tested``."""
+    if max_tested < 0:
+        raise ValueError(f"max_tested must be >= 0, got {max_tested}")
+    idx = torch.nonzero(eligible).flatten()
+    if max_tested == 0 or idx.numel() <= max_tested:
+        return eligible.clone()
+    pick = idx[torch.argsort(sequence_keys(seed + 0x3C6EF372, idx), stable=True)[:max_tested]]
+    out = torch.zeros_like(eligible)
+    out[pick] = True
+    return out
 
 
 def _first_true(mask: torch.Tensor, cand: torch.Tensor, M: int) -> torch.Tensor:

@@ -10,6 +10,8 @@ printed literally, with newlines and tabs shown as ``↵`` and ``→``.
 
 from __future__ import annotations
 
+import json
+
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
@@ -86,7 +88,12 @@ def _mechanism(con, scan_id, name, feature, console) -> None:
         f"({r['n_current_tokens']}, top {r['top_current_token_share']:.0%})",
     ]
     if r["necessity"] is None:
-        lines.append(f"untested: {r['n_tested']} held-out positions")
+        summ = con.execute("SELECT summary FROM detector_runs WHERE scan_id = ? AND sae = ? AND "
+                           "detector = 'feature_mechanism'", [scan_id, name]).fetchone()
+        s = json.loads(summ[0]) if summ and summ[0] else {}
+        sampled = s.get("n_chosen", s.get("n_records", 0)) < s.get("n_records", 0)
+        lines.append(f"untested: {r['n_tested']} held-out positions"
+                     + (" (this scan tested a random sample of the records: option max_tested)" if sampled else ""))
     else:
         lines.append(f"necessity {r['necessity']:.2f} on {r['n_tested']} held-out positions (replacing the top "
                      f"source's token removes >= 50%; median drop {r['median_drop']:.0%}); control (a random other "

@@ -227,3 +227,53 @@ def test_feature_page_fits_80_columns_with_hostile_tokens(mech, tmp_path):
     assert "necessity 1.00" in out.output and "short_range via head 0.2" in out.output
     bad = CliRunner().invoke(app, ["feature", "3", "1", "--db", str(d)], env=env)
     assert bad.exit_code == 1 and "is not in scan 1" in bad.output
+
+
+def test_max_tested_runs_the_causal_tests_on_a_seeded_sample(mech, tmp_path):
+    """``max_tested`` (scans at users' scale): the records are formed for every live feature as
+    before, the causal tests run on exactly the seeded sample, the planted features in it are
+    still validated, and the report says the tests were sampled."""
+    from famfind.config import ScanConfig
+    from famfind.errors import FamfindError
+    from famfind.heuristics.mechanism import MechanismOptions, tested_sample
+    from famfind.runner import run_scan
+
+    paths, full, _, _ = mech
+    whole = {r["feature"]: r for r in table(full).iter_rows(named=True)}
+    eligible = torch.zeros(full.saes[0].ctx.sae.d_sae, dtype=torch.bool)
+    eligible[[f for f, r in whole.items() if r["mechanism"] is not None]] = True
+    n = int(eligible.sum()) // 2
+    res = run_scan(ScanConfig(sae=str(paths["sae"]), corpus=str(paths["corpus"]), seq_len=PM.CTX,
+                              select=("feature_mechanism",), detector_options={"feature_mechanism": {"max_tested": n}}))
+    rows = {r["feature"]: r for r in table(res).iter_rows(named=True)}
+    chosen = set(torch.nonzero(tested_sample(eligible, n, 0)).flatten().tolist())
+    assert len(chosen) == n and chosen <= set(rows)
+    tested = {f for f, r in rows.items() if r["n_tested"] > 0}
+    assert tested <= chosen and len(tested) >= 0.9 * n
+    for f, r in rows.items():  # the records themselves do not depend on the sample
+        for col in ("mechanism", "top_head", "top_distance", "source_tokens", "n_formed"):
+            assert r[col] == whole[f][col], (f, col)
+        if f not in chosen:
+            assert r["necessity"] is None and r["sufficiency"] is None and not r["validated"]
+    dist, _ = PM.features()
+    planted = chosen & set(dist)
+    assert planted and all(rows[f]["validated"] and rows[f]["necessity"] >= 0.9 for f in planted)
+    out = res.sae().results["feature_mechanism"].output
+    assert out.n_chosen == n < out.n_records
+    # the terminal report and the feature page say the tests were sampled
+    from typer.testing import CliRunner
+
+    from famfind.cli import app
+    from famfind.frames import write_scan
+
+    db = tmp_path / "sampled.duckdb"
+    write_scan(db, res)
+    env = {**os.environ, "COLUMNS": "200"}
+    rep = CliRunner().invoke(app, ["report", "--db", str(db)], env=env)
+    assert rep.exit_code == 0 and f"random sample of {n:,} of the {out.n_records:,} records" in rep.output, rep.output
+    skipped = min(set(rows) - chosen - {f for f, r in rows.items() if r["mechanism"] is None})
+    page = CliRunner().invoke(app, ["feature", "0", str(skipped), "--db", str(db)], env=env)
+    assert page.exit_code == 0 and "tested a random sample of the records" in page.output, page.output
+    assert tested_sample(eligible, 0, 0).equal(eligible) and tested_sample(eligible, 10 ** 6, 0).equal(eligible)
+    with pytest.raises(FamfindError, match="max_tested"):
+        MechanismOptions.from_dict({"max_tested": "-1"})
