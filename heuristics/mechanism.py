@@ -57,6 +57,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
+import polars as pl
+import pyarrow as pa
 import torch
 
 from famfind.activations import encode_hook
@@ -282,38 +285,45 @@ class FeatureMechanism(Heuristic):
                     fams.append(FamilyMember(name, f, float(tests["necessity"][f]), "necessity"))
         tok = ctx.model.tokenizer
         strs = (lambda ids: [tok.token_str(int(i)) for i in ids]) if tok is not None else (lambda ids: [str(i) for i in ids])
-        rows, dets = [], []
-        for f in torch.nonzero(live).flatten().tolist():
-            m = int(rec["mechanism"][f])
-            nt = int(tests["n_tested"][f])
+        # the table column by column (a frame from one dict per feature cost ~2 s at 24,576 features)
+        fl = torch.nonzero(live).flatten()
+        L = fl.tolist()
+        mech = rec["mechanism"][fl].tolist()
+        nts = tests["n_tested"][fl].tolist()
 
-            def num(x, ok=True):
-                v = float(x[f])
-                return None if not ok or v != v else v
+        def col(x, ok=None):  # floats of the live features; None where NaN or not ok
+            v = x[fl].tolist()
+            return [None if y != y or (ok is not None and not k) else y for y, k in zip(v, ok or v)]
 
-            rows.append({
-                "feature": f, "layer": ctx.layer, "mechanism": CLASSES[m] if m >= 0 else None,
-                "top_head": f"{ctx.layer}.{int(rec['top_head'][f])}" if m >= 0 else None,
-                "head_share": rec["head_share"][f].tolist(),
-                **{f"share_{b}": float(rec["buckets"][f, i]) for i, b in enumerate(BUCKETS)},
-                "top_distance": int(rec["top_distance"][f]) if m >= 0 else None,
-                "top_source_share": num(rec["top_share"]), "unsourced_share": float(rec["unsourced"][f]),
-                "source_tokens": rec["src_sets"][f], "source_token_strs": strs(rec["src_sets"][f]),
-                "n_source_tokens": int(rec["src_size"][f]), "top_source_token_share": float(rec["src_top"][f]),
-                "current_tokens": rec["cur_sets"][f], "current_token_strs": strs(rec["cur_sets"][f]),
-                "n_current_tokens": int(rec["cur_size"][f]), "top_current_token_share": float(rec["cur_top"][f]),
-                "n_formed": int(rec["n_formed"][f]), "n_tested": nt,
-                "necessity": num(tests["necessity"], nt > 0), "necessity_control": num(tests["necessity_control"], nt > 0),
-                "median_drop": num(tests["median_drop"], nt > 0), "validated": bool(validated[f]),
-                "n_windows": int(suff["n_windows"][f]), "sufficiency": num(suff["sufficiency"]),
-                "sufficiency_control": num(suff["sufficiency_control"]), "n_in_context": int(suff["n_in_context"][f]),
-                "sufficiency_in_context": num(suff["sufficiency_in_context"]),
-                "sufficiency_in_context_control": num(suff["sufficiency_in_context_control"]),
-                "family": family[f] or None})
-            if nt:
-                dets.append(Detection(f, float(tests["necessity"][f]), bool(validated[f]), {
-                    "n_tested": nt, "necessity_control": round(float(tests["necessity_control"][f]), 4),
-                    "mechanism": CLASSES[m] if m >= 0 else None, "top_distance": int(rec["top_distance"][f])}))
+        has = [m >= 0 for m in mech]
+        tested_pos = [n > 0 for n in nts]
+        cols = {
+            "feature": L, "layer": [ctx.layer] * len(L),
+            "mechanism": [CLASSES[m] if m >= 0 else None for m in mech],
+            "top_head": [f"{ctx.layer}.{h}" if m >= 0 else None for h, m in zip(rec["top_head"][fl].tolist(), mech)],
+            "head_share": _list_column(rec["head_share"][fl].float().numpy().reshape(-1),
+                                       np.arange(len(L) + 1) * rec["head_share"].shape[1]),
+            **{f"share_{b}": rec["buckets"][fl, i].tolist() for i, b in enumerate(BUCKETS)},
+            "top_distance": [d if ok else None for d, ok in zip(rec["top_distance"][fl].tolist(), has)],
+            "top_source_share": col(rec["top_share"]), "unsourced_share": rec["unsourced"][fl].tolist(),
+            "source_tokens": _sets_column([rec["src_sets"][f] for f in L], pa.int32()),
+            "source_token_strs": _sets_column([strs(rec["src_sets"][f]) for f in L], pa.string()),
+            "n_source_tokens": rec["src_size"][fl].tolist(), "top_source_token_share": rec["src_top"][fl].tolist(),
+            "current_tokens": _sets_column([rec["cur_sets"][f] for f in L], pa.int32()),
+            "current_token_strs": _sets_column([strs(rec["cur_sets"][f]) for f in L], pa.string()),
+            "n_current_tokens": rec["cur_size"][fl].tolist(), "top_current_token_share": rec["cur_top"][fl].tolist(),
+            "n_formed": rec["n_formed"][fl].tolist(), "n_tested": nts,
+            "necessity": col(tests["necessity"], tested_pos), "necessity_control": col(tests["necessity_control"], tested_pos),
+            "median_drop": col(tests["median_drop"], tested_pos), "validated": validated[fl].tolist(),
+            "n_windows": suff["n_windows"][fl].tolist(), "sufficiency": col(suff["sufficiency"]),
+            "sufficiency_control": col(suff["sufficiency_control"]), "n_in_context": suff["n_in_context"][fl].tolist(),
+            "sufficiency_in_context": col(suff["sufficiency_in_context"]),
+            "sufficiency_in_context_control": col(suff["sufficiency_in_context_control"]),
+            "family": [family[f] or None for f in L]}
+        dets = [Detection(f, float(tests["necessity"][f]), bool(validated[f]), {
+            "n_tested": int(tests["n_tested"][f]), "necessity_control": round(float(tests["necessity_control"][f]), 4),
+            "mechanism": CLASSES[int(rec["mechanism"][f])] if rec["mechanism"][f] >= 0 else None,
+            "top_distance": int(rec["top_distance"][f])}) for f, n in zip(L, nts) if n]
         by_class = Counter(CLASSES[int(x)] for x in rec["mechanism"][live].tolist() if x >= 0)
         suff_ok = live & (suff["sufficiency"] >= 0.5)
         ctx_ok = live & (suff["sufficiency_in_context"] >= 0.5)
@@ -323,7 +333,7 @@ class FeatureMechanism(Heuristic):
                                bool(gate_ok), list(CLASSES), dict(by_class), int(suff_ok.sum()), int(ctx_ok.sum()), n_fam,
                                int(chosen.sum()))
         return Result(output=out, detections=dets, families=fams, validation=vals,
-                      tables={"feature_mechanism": self.tables[0].frame(rows)})
+                      tables={"feature_mechanism": self.tables[0].frame(cols)})
 
     # --- the record --------------------------------------------------------------------
     def _form(self, samp, tokens, F: int, H: int) -> dict:
@@ -544,6 +554,18 @@ def mechanism_line(r: dict, sampled: bool = False) -> str:
                        else "; untested (too few held-out positions)")
     return (line + f"; necessity {f2(r['nec'])} (control {f2(r['ctl'])}), sufficiency {f2(r['suf'])}, "
             f"in context {f2(r['sic'])}" + ("" if r.get("validated") else "; not validated"))
+
+
+def _list_column(values, offsets) -> pl.Series:
+    """A polars list column from flat ``values`` and row ``offsets [n_rows + 1]`` (one Arrow
+    list array: building one Series per row cost ~1.6 s per 24,576-feature table)."""
+    return pl.from_arrow(pa.ListArray.from_arrays(pa.array(np.asarray(offsets, dtype=np.int32)), pa.array(values)))
+
+
+def _sets_column(sets: list[list], typ) -> pl.Series:
+    offsets = np.zeros(len(sets) + 1, dtype=np.int32)
+    np.cumsum([len(x) for x in sets], out=offsets[1:])
+    return pl.from_arrow(pa.ListArray.from_arrays(pa.array(offsets), pa.array([y for x in sets for y in x], type=typ)))
 
 
 def tested_sample(eligible: torch.Tensor, max_tested: int, seed: int) -> torch.Tensor:
