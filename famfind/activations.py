@@ -135,7 +135,7 @@ def position_keys(seed: int, seq: torch.Tensor, pos: torch.Tensor, feature: torc
     """Uniform random keys in [0, 1), float64 with 52 random bits, that depend only on
     ``(seed, seq, pos, feature)``: the reservoir sample is the same however the corpus is
     split into shards."""
-    h = _mix32((seq.long() * 0x9E3779B1 + seed) & 0xFFFFFFFF)
+    h = _mix32((seq.long() * 0x9E3779B1 + (seed & 0xFFFFFFFF)) & 0xFFFFFFFF)  # mod 2^32 first: any seed
     h = _mix32(h ^ pos.long())
     h1 = _mix32(h ^ feature.long())
     h2 = _mix32(h1 ^ 0x5BD1E995)

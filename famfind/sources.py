@@ -130,7 +130,8 @@ def _rank_within(group: torch.Tensor, order_keys: list[torch.Tensor], descending
 def sequence_keys(seed: int, seq: torch.Tensor) -> torch.Tensor:
     """A random order of corpus sequences shared by every feature: ``[n]`` int64 keys in
     [0, 2^31) that depend only on ``(seed, seq)``."""
-    return (_mix32(_mix32((seq.long() * 0x2545F491 + seed * 0x9E3779B1 + 0x51ED27) & 0xFFFFFFFF)) >> 1).long()
+    s = ((seed & 0xFFFFFFFF) * 0x9E3779B1) & 0xFFFFFFFF  # mod 2^32 first: any seed, the same keys
+    return (_mix32(_mix32((seq.long() * 0x2545F491 + s + 0x51ED27) & 0xFFFFFFFF)) >> 1).long()
 
 
 class SourceSampler:

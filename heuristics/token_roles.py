@@ -19,9 +19,9 @@ activation pass); each feature is read only on its own trigger's prompts.
 
 Pass rate = passing prompts / ``n_prompts``; > 0.6 passes. A layer with no role head has no
 selected feature and no validation row, so its control prompts are not run (500 controls x 16
-prompts x 32 tokens: ~85 s per detector on a 2-core CPU at GPT-2-small shape). ``previous_token_ablation``
-then mean-ablates the previous-token heads, as the paper does for induction heads
-(:func:`famfind.families.mean_ablation`).
+prompts x 32 tokens: ~85 s per detector on a 2-core CPU for the random-init GPT-2-small-shaped
+benchmark model). ``previous_token_ablation`` then mean-ablates the previous-token heads, as the
+paper does for induction heads (:func:`famfind.families.mean_ablation`).
 """
 
 from __future__ import annotations

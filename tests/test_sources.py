@@ -75,3 +75,22 @@ def test_three_shards_merge_to_one_pass(sampled):
         assert torch.equal(a.seq, b.seq) and torch.equal(a.pos, b.pos) and torch.equal(a.src_pos, b.src_pos)
         for name in ("act", "src_val", "total", "pos_total", "head_val"):
             assert torch.allclose(getattr(a, name), getattr(b, name), atol=1e-5), name
+
+
+def test_sample_keys_take_any_seed():
+    """A seed past 2^32 (``--seed`` is any int) gave an OverflowError in the int64 key
+    arithmetic; keys are now a function of the seed mod 2^32, unchanged below it."""
+    from famfind.activations import _mix32, position_keys
+    from famfind.sources import sequence_keys
+
+    seq, pos, feat = torch.arange(50), torch.arange(50) % 7, torch.arange(50) * 13
+    for seed in (0, 12345, 2**32 - 1):  # the formulas as they were, for seeds that fit
+        old_seq = (_mix32(_mix32((seq * 0x2545F491 + seed * 0x9E3779B1 + 0x51ED27) & 0xFFFFFFFF)) >> 1).long()
+        assert torch.equal(sequence_keys(seed, seq), old_seq)
+        h = _mix32(_mix32((seq * 0x9E3779B1 + seed) & 0xFFFFFFFF) ^ pos)
+        h1 = _mix32(h ^ feat)
+        old_pos = ((h1 << 20) | (_mix32(h1 ^ 0x5BD1E995) >> 12)).double() / float(1 << 52)
+        assert torch.equal(position_keys(seed, seq, pos, feat), old_pos)
+    big = 2**40 + 12345
+    assert torch.equal(sequence_keys(big, seq), sequence_keys(12345, seq))
+    assert torch.equal(position_keys(big, seq, pos, feat), position_keys(12345, seq, pos, feat))
