@@ -300,13 +300,12 @@ def run(args, device: str, sizes: list[int], scan_sizes: list[int], tmp: Path) -
 
 
 def detector_options(specs: list[str]) -> dict:
-    """``DETECTOR.KEY=VALUE`` strings (``famfind scan --set``) as ``{detector: {key: value}}``."""
+    """``DETECTOR.KEY=VALUE`` strings as ``{detector: {key: value}}``, parsed as ``famfind scan
+    --set`` parses them."""
+    from famfind.cli.scan_cmds import _parse_set
+
     out: dict = {}
-    for spec in specs:
-        name, _, value = spec.partition("=")
-        det, _, key = name.partition(".")
-        if not (det and key and _):
-            raise SystemExit(f"--set: expected DETECTOR.KEY=VALUE, got {spec!r}")
+    for det, key, value in map(_parse_set, specs):
         out.setdefault(det, {})[key] = value
     return out
 

@@ -321,9 +321,9 @@ class FeatureMechanism(Heuristic):
             "sufficiency_in_context_control": col(suff["sufficiency_in_context_control"]),
             "family": [family[f] or None for f in L]}
         dets = [Detection(f, float(tests["necessity"][f]), bool(validated[f]), {
-            "n_tested": int(tests["n_tested"][f]), "necessity_control": round(float(tests["necessity_control"][f]), 4),
-            "mechanism": CLASSES[int(rec["mechanism"][f])] if rec["mechanism"][f] >= 0 else None,
-            "top_distance": int(rec["top_distance"][f])}) for f, n in zip(L, nts) if n]
+            "n_tested": n, "necessity_control": round(float(tests["necessity_control"][f]), 4),
+            "mechanism": CLASSES[m] if m >= 0 else None, "top_distance": int(rec["top_distance"][f])})
+            for f, m, n in zip(L, mech, nts) if n]
         by_class = Counter(CLASSES[int(x)] for x in rec["mechanism"][live].tolist() if x >= 0)
         suff_ok = live & (suff["sufficiency"] >= 0.5)
         ctx_ok = live & (suff["sufficiency_in_context"] >= 0.5)
@@ -511,7 +511,7 @@ class FeatureMechanism(Heuristic):
                      f"token removes >= 50% of the activation at >= 60% of positions; control (a random other source): "
                      f"{ctl:,} ({ctl / max(ten, 1):.1%} of tested; gate {'met' if s['gate_ok'] else 'NOT met'}: "
                      f"<= a tenth of {val / max(ten, 1):.1%})")
-        if s.get("n_chosen", s["n_records"]) < s["n_records"]:
+        if tests_sampled(s):
             section.line(f"the causal tests ran on a random sample of {s['n_chosen']:,} of the {s['n_records']:,} "
                          f"records (option max_tested); the other records are untested")
         section.line("classes: " + ", ".join(f"{c} {s['by_class'].get(c, 0):,}" for c in s["classes"])
@@ -526,8 +526,7 @@ class FeatureMechanism(Heuristic):
 
     @classmethod
     def html_part(cls, section) -> dict:
-        s = section.summary or {}
-        sampled = s.get("n_chosen", s.get("n_records", 0)) < s.get("n_records", 0)
+        sampled = tests_sampled(section.summary or {})
         return {"features": section.per_feature(
             "SELECT feature, mechanism, top_head, top_distance, source_token_strs, round(necessity, 2) AS nec, "
             "round(necessity_control, 2) AS ctl, round(sufficiency, 2) AS suf, round(sufficiency_in_context, 2) AS "
@@ -556,16 +555,22 @@ def mechanism_line(r: dict, sampled: bool = False) -> str:
             f"in context {f2(r['sic'])}" + ("" if r.get("validated") else "; not validated"))
 
 
-def _list_column(values, offsets) -> pl.Series:
+def tests_sampled(summary: dict) -> bool:
+    """Whether a stored ``feature_mechanism`` summary's causal tests ran on a sample of its
+    records (``max_tested``); ``False`` for summaries written before the option."""
+    return summary.get("n_chosen", summary.get("n_records", 0)) < summary.get("n_records", 0)
+
+
+def _list_column(values, offsets, typ=None) -> pl.Series:
     """A polars list column from flat ``values`` and row ``offsets [n_rows + 1]`` (one Arrow
     list array: building one Series per row cost ~1.6 s per 24,576-feature table)."""
-    return pl.from_arrow(pa.ListArray.from_arrays(pa.array(np.asarray(offsets, dtype=np.int32)), pa.array(values)))
+    return pl.from_arrow(pa.ListArray.from_arrays(pa.array(np.asarray(offsets, dtype=np.int32)),
+                                                  pa.array(values, type=typ)))
 
 
 def _sets_column(sets: list[list], typ) -> pl.Series:
-    offsets = np.zeros(len(sets) + 1, dtype=np.int32)
-    np.cumsum([len(x) for x in sets], out=offsets[1:])
-    return pl.from_arrow(pa.ListArray.from_arrays(pa.array(offsets), pa.array([y for x in sets for y in x], type=typ)))
+    """:func:`_list_column` of variable-length ``sets`` (one list per row) of Arrow type ``typ``."""
+    return _list_column([y for x in sets for y in x], np.cumsum([0] + [len(x) for x in sets]), typ)
 
 
 def tested_sample(eligible: torch.Tensor, max_tested: int, seed: int) -> torch.Tensor:

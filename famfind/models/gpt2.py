@@ -338,6 +338,7 @@ class HFGPT2Model:
         rank = torch.arange(n, device=rows.device) - torch.repeat_interleave(starts, counts)  # within its sequence
         by_size = torch.argsort(counts, descending=True, stable=True)  # similar sizes share a padded block
         cnt = counts[by_size].tolist()
+        keys = torch.arange(T, device=rows.device)
         i = 0
         while i < len(cnt):  # sequences whose padded score block fits max_floats
             j, top = i + 1, cnt[i]
@@ -356,7 +357,6 @@ class HFGPT2Model:
             at = edit_at[sel]
             ok = torch.nonzero(edited[sel] & (at <= pos[sel])).flatten()
             scores[u[ok], :, rk[ok], at[ok]] = se[sel[ok]]
-            keys = torch.arange(T, device=rows.device)
             pat = scores.masked_fill(keys[None, None, None, :] > P[:, None, :, None], float("-inf")).softmax(-1)
             z = pat @ v0[s]  # [U, H, R, dh]
             z[u[ok], :, rk[ok]] += pat[u[ok], :, rk[ok], at[ok]][..., None] * (ve[sel[ok]] - v0[s[u[ok]], :, at[ok]])
